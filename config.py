@@ -1,0 +1,348 @@
+"""The configuration shared by every script.
+
+`ModelArgs` holds every architecture field under DeepSeek-V3's names. Each script has one options dataclass;
+its command-line parser is generated from the dataclass (`parse_config`), so a field is declared exactly once
+with its default and help text.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Sequence, TypeVar
+
+
+def opt(default: Any, help: str, choices: Sequence[Any] | None = None) -> Any:
+    """A dataclass field with help text (and optional choices) for the generated parser."""
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model architecture
+
+
+@dataclass
+class ModelArgs:
+    """Every architecture field, named as in DeepSeek-V3's reference `ModelArgs`."""
+
+    vocab_size: int = opt(32768, "vocabulary size; train.py sets it from the tokenizer unless given explicitly")
+    dim: int = opt(256, "model width (hidden size)")
+    inter_dim: int = opt(1024, "hidden size of the dense SwiGLU feed-forward layers")
+    moe_inter_dim: int = opt(256, "hidden size of each routed and shared expert")
+    n_layers: int = opt(4, "number of transformer blocks")
+    n_dense_layers: int = opt(1, "the first n_dense_layers blocks use a dense SwiGLU; the rest use MoE")
+    n_heads: int = opt(8, "attention heads")
+    max_seq_len: int = opt(256, "context length in tokens")
+    # attention
+    attn_type: str = opt("mla", "attention: DeepSeek Multi-Head Latent Attention or standard multi-head/GQA",
+                         choices=("mla", "mha"))
+    n_kv_heads: int = opt(0, "key/value heads for attn_type=mha (grouped-query); 0 means n_heads")
+    head_dim: int = opt(0, "head size for attn_type=mha; 0 means dim // n_heads")
+    q_lora_rank: int = opt(0, "rank of the low-rank query projection; 0 means a full-rank query")
+    kv_lora_rank: int = opt(64, "rank of the compressed key/value latent (what the KV cache stores)")
+    qk_nope_head_dim: int = opt(32, "per-head query/key size without rotary embedding")
+    qk_rope_head_dim: int = opt(32, "per-head query size with rotary embedding; the RoPE key is shared by heads")
+    v_head_dim: int = opt(32, "per-head value size")
+    rope_theta: float = opt(10000.0, "rotary embedding base")
+    sliding_window: int = opt(0, "attend only to the last sliding_window tokens; 0 means full causal attention")
+    sliding_window_layers: str = opt("", "comma-separated layer indices that use the sliding window; "
+                                         "empty means every layer (when sliding_window > 0)")
+    # mixture of experts
+    n_routed_experts: int = opt(8, "routed experts per MoE layer")
+    n_shared_experts: int = opt(1, "always-active shared experts per MoE layer")
+    n_activated_experts: int = opt(2, "routed experts each token is sent to (top-k)")
+    n_expert_groups: int = opt(1, "expert groups for group-limited routing")
+    n_limited_groups: int = opt(1, "groups a token may route to when n_expert_groups > 1")
+    score_func: str = opt("softmax", "router scoring function", choices=("softmax", "sigmoid"))
+    route_scale: float = opt(1.0, "scale applied to the normalised top-k routing weights")
+    bias_update_speed: float = opt(0.001, "step of DeepSeek-V3's auxiliary-loss-free balancing bias update; "
+                                          "0 disables it")
+    aux_loss_alpha: float = opt(0.0, "weight of the sequence-wise auxiliary balance loss; 0 disables it")
+    # misc
+    norm_eps: float = opt(1e-6, "RMSNorm epsilon")
+    tie_embeddings: bool = opt(False, "share the token embedding and the output head")
+    init_std: float = opt(0.02, "standard deviation of the weight initialisation")
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.dim % self.n_heads and self.attn_type == "mha" and not self.head_dim:
+            problems.append(f"dim={self.dim} is not divisible by n_heads={self.n_heads}")
+        if self.n_layers > 0 and self.n_dense_layers < self.n_layers:
+            if self.n_activated_experts > self.n_routed_experts:
+                problems.append(f"n_activated_experts={self.n_activated_experts} exceeds "
+                                f"n_routed_experts={self.n_routed_experts}")
+            if self.n_routed_experts % max(self.n_expert_groups, 1):
+                problems.append(f"n_routed_experts={self.n_routed_experts} is not divisible by "
+                                f"n_expert_groups={self.n_expert_groups}")
+        if self.n_kv_heads and self.n_heads % self.n_kv_heads:
+            problems.append(f"n_heads={self.n_heads} is not divisible by n_kv_heads={self.n_kv_heads}")
+        if problems:
+            raise ConfigError("invalid model configuration: " + "; ".join(problems))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "ModelArgs":
+        """Build from a stored config, ignoring keys this version does not know (forward compatibility)."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+
+# Named presets: a preset is a set of ModelArgs overrides; any field can still be overridden by its own flag.
+MODEL_PRESETS: dict[str, dict[str, Any]] = {
+    # trains on 2 CPU cores in minutes (about 1.5M parameters with a 4k vocabulary)
+    "tiny": dict(dim=128, inter_dim=384, moe_inter_dim=128, n_layers=4, n_dense_layers=1, n_heads=4,
+                 max_seq_len=256, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=16,
+                 n_routed_experts=8, n_shared_experts=1, n_activated_experts=2),
+    # the tiny shape with dense feed-forward layers only
+    "tiny-dense": dict(dim=128, inter_dim=384, n_layers=4, n_dense_layers=4, n_heads=4, max_seq_len=256,
+                       kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=16),
+    # about 24M parameters with a 32k vocabulary: the size benchmarked against HF transformers on CPU
+    "small-moe": dict(dim=256, inter_dim=1024, moe_inter_dim=256, n_layers=4, n_dense_layers=1, n_heads=8,
+                      max_seq_len=256, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=32, v_head_dim=32,
+                      n_routed_experts=8, n_shared_experts=1, n_activated_experts=2),
+    # about 30M parameters with a 32k vocabulary (more experts, a bit deeper)
+    "moe-30m": dict(dim=256, inter_dim=1024, moe_inter_dim=256, n_layers=6, n_dense_layers=1, n_heads=8,
+                    max_seq_len=512, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=32, v_head_dim=32,
+                    n_routed_experts=16, n_shared_experts=1, n_activated_experts=2),
+    # GPT-2-small class: 12 x 768, dense
+    "gpt2-small": dict(dim=768, inter_dim=2048, n_layers=12, n_dense_layers=12, n_heads=12, max_seq_len=1024,
+                       q_lora_rank=0, kv_lora_rank=256, qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64),
+    # GPT-2-small width with fine-grained MoE (about 0.5B total, ~0.15B active)
+    "moe-500m": dict(dim=768, inter_dim=2048, moe_inter_dim=512, n_layers=12, n_dense_layers=1, n_heads=12,
+                     max_seq_len=2048, q_lora_rank=384, kv_lora_rank=256, qk_nope_head_dim=64,
+                     qk_rope_head_dim=32, v_head_dim=64, n_routed_experts=64, n_shared_experts=2,
+                     n_activated_experts=6, n_expert_groups=8, n_limited_groups=3, score_func="sigmoid",
+                     route_scale=2.5),
+    # a 1.5B-total MoE in DeepSeek-V3's proportions
+    "moe-1.5b": dict(dim=1536, inter_dim=4096, moe_inter_dim=512, n_layers=16, n_dense_layers=1, n_heads=16,
+                     max_seq_len=4096, q_lora_rank=768, kv_lora_rank=512, qk_nope_head_dim=128,
+                     qk_rope_head_dim=64, v_head_dim=128, n_routed_experts=64, n_shared_experts=2,
+                     n_activated_experts=6, n_expert_groups=8, n_limited_groups=3, score_func="sigmoid",
+                     route_scale=2.5),
+}
+
+
+def model_args_from_preset(preset: str, **overrides: Any) -> ModelArgs:
+    if preset not in MODEL_PRESETS:
+        raise ConfigError(f"unknown model preset '{preset}'; choose one of: {', '.join(MODEL_PRESETS)}")
+    values = {**MODEL_PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}}
+    return ModelArgs(**values)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Options shared by several scripts
+
+
+@dataclass
+class DatasetOptions:
+    dataset_path_huggingface: str = opt("builtin", "text source: a HF hub dataset id, a local .txt/.jsonl/"
+                                                   ".parquet file or folder, or 'builtin' for the corpus "
+                                                   "shipped with Python (no download)")
+    dataset_sub_set: str = opt("", "HF dataset configuration (subset) name, e.g. 'sample-10BT'")
+    dataset_split: str = opt("train", "dataset split to read")
+    text_column: str = opt("text", "column holding the document text (jsonl/parquet/hub datasets)")
+    trust_remote_code: bool = opt(False, "allow the HF dataset's own loading script to run")
+
+
+@dataclass
+class TokenizerOptions:
+    tokenizer_path: str = opt("tokenizer", "folder (or tokenizer.json) of the tokenizer trained by "
+                                           "train_tokenizer.py")
+    load_mistral_tokenizer: bool = opt(False, "use Mistral-Nemo's pre-trained tokenizer instead of the trained one")
+    mistral_tokenizer_path: str = opt("tokenizer.json", "Mistral-Nemo's tokenizer.json (or tekken.json, or the "
+                                                        "folder holding it)")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One options dataclass per script
+
+
+@dataclass
+class TrainTokenizerConfig(DatasetOptions):
+    """Options of train_tokenizer.py."""
+
+    vocab_size: int = opt(32768, "vocabulary size of the trained tokenizer, special tokens included")
+    tokenizer_train_shard_size: int = opt(10_000_000, "characters of text to train on (streamed up to this many)")
+    min_frequency: int = opt(2, "minimum pair frequency for a merge")
+    output_path: str = opt("tokenizer", "folder to write tokenizer.json and its metadata into")
+
+
+@dataclass
+class TokenizeDataConfig(DatasetOptions, TokenizerOptions):
+    """Options of tokenize_data.py."""
+
+    data_file_name: str = opt("data", "output folder for the .npy token shards")
+    encoded_dataset_shard_size: int = opt(10_000_000, "tokens per shard")
+    val_tokens: int = opt(0, "tokens held out for validation; 0 means the first shard is the validation split")
+    max_tokens: int = opt(0, "stop after this many tokens (0 = no limit)")
+    max_documents: int = opt(0, "stop after this many documents (0 = no limit)")
+    num_workers: int = opt(0, "encoding processes; 0 means one per CPU core")
+    overwrite: bool = opt(False, "replace the shards already in --data_file_name")
+
+
+@dataclass
+class TrainConfig(TokenizerOptions):
+    """Options of train.py (the architecture comes from --model plus any ModelArgs flag)."""
+
+    model: str = opt("tiny", "model preset; every ModelArgs field can be overridden by its own flag",
+                     choices=tuple(MODEL_PRESETS))
+    data_file_name: str = opt("data", "folder of token shards written by tokenize_data.py")
+    save_file_name: str = opt("checkpoints", "checkpoint folder (training resumes from its latest checkpoint)")
+    steps: int = opt(1000, "optimizer steps")
+    total_batch_size: int = opt(16384, "tokens per optimizer step, across all ranks and micro-steps")
+    batch_size: int = opt(16, "sequences per micro-batch per rank")
+    seq_len: int = opt(0, "training sequence length; 0 means the model's max_seq_len")
+    lr: float = opt(1e-3, "peak learning rate")
+    min_lr: float = opt(1e-4, "learning rate at the end of the cosine decay")
+    warm_up: int = opt(100, "linear warm-up steps")
+    weight_decay: float = opt(0.1, "AdamW weight decay (matrices only)")
+    beta1: float = opt(0.9, "AdamW beta1")
+    beta2: float = opt(0.95, "AdamW beta2")
+    grad_clip: float = opt(1.0, "gradient norm clipping; 0 disables it")
+    eval_rate: int = opt(100, "evaluate every this many steps (0 = never)")
+    eval_steps: int = opt(20, "validation batches per evaluation")
+    save_rate: int = opt(500, "checkpoint every this many steps (and always at the end)")
+    keep_checkpoints: int = opt(3, "how many recent checkpoints to keep")
+    seed: int = opt(1337, "random seed")
+    dtype: str = opt("auto", "compute dtype: auto picks bf16 on GPUs that support it and fp32 elsewhere",
+                     choices=("auto", "fp32", "bf16", "fp16"))
+    device: str = opt("auto", "cpu, cuda, or auto")
+    compile_model: bool = opt(False, "torch.compile the model")
+    backend: str = opt("inductor", "torch.compile backend")
+    shuffle: bool = opt(True, "shuffle the order of training windows (seeded)")
+    resume: bool = opt(True, "continue from the latest checkpoint in --save_file_name when there is one")
+    init_from: str = opt("", "start from these weights: a checkpoint folder or a HF DeepseekV3 model folder")
+    log_file: str = opt("", "JSONL log path; empty means <save_file_name>/log.jsonl")
+
+
+@dataclass
+class GenerateConfig(TokenizerOptions):
+    """Options of generate.py."""
+
+    input_text: str = opt("Hello", "the prompt")
+    input_file: str = opt("", "a file with one prompt per line (generated as one batch)")
+    save_file_name: str = opt("checkpoints", "checkpoint folder (its latest checkpoint), a checkpoint, or a HF "
+                                             "DeepseekV3 model folder")
+    num_tokens_to_generate: int = opt(100, "new tokens per prompt")
+    temperature: float = opt(0.8, "sampling temperature; 0 means greedy")
+    top_p: float = opt(0.95, "nucleus sampling: draw only from the smallest set of tokens whose probability "
+                             "reaches top_p (1 disables it)")
+    top_k: int = opt(0, "draw only from the top_k most likely tokens (0 disables it)")
+    seed: int = opt(1337, "random seed")
+    num_samples: int = opt(1, "continuations per prompt, generated in one batch")
+    stop_at_eos: bool = opt(True, "stop a sequence at the end-of-document token")
+    max_seq_len: int = opt(0, "longest prompt + generation allowed; 0 means the model's max_seq_len")
+    dtype: str = opt("auto", "compute dtype", choices=("auto", "fp32", "bf16", "fp16"))
+    device: str = opt("auto", "cpu, cuda, or auto")
+    compile_model: bool = opt(False, "torch.compile the decode step")
+    stream: bool = opt(True, "print tokens as they are produced (single sequence only)")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Parser generation
+
+
+class UserError(Exception):
+    """A user mistake (bad flag, missing file, mismatched tokenizer...): reported as one line, never a traceback."""
+
+
+class ConfigError(UserError, ValueError):
+    """An invalid configuration value."""
+
+
+def str2bool(value: str | bool) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "t", "yes", "y", "on"):
+        return True
+    if text in ("0", "false", "f", "no", "n", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean (True/False/1/0), got '{value}'")
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """Unknown flags and bad values exit with a single line and status 2."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _field_type(cls: type, f: dataclasses.Field) -> type:
+    hints = typing.get_type_hints(cls)
+    return hints[f.name]
+
+
+def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, *, defaults_from_preset: bool = False,
+                            title: str | None = None) -> None:
+    """Add one flag per dataclass field. With defaults_from_preset the flags default to None, meaning 'take the
+    value from the chosen preset'; help still shows the dataclass default."""
+    group = parser.add_argument_group(title) if title else parser
+    for f in dataclasses.fields(cls):
+        ftype = _field_type(cls, f)
+        help_text = f.metadata.get("help", "")
+        choices = f.metadata.get("choices")
+        if defaults_from_preset:
+            help_text += f" (default: the preset's value; base {f.default!r})"
+            default = None
+        else:
+            help_text += f" (default: {f.default!r})"
+            default = f.default
+        help_text = help_text.replace("%", "%%")
+        if ftype is bool:
+            group.add_argument(f"--{f.name}", type=str2bool, nargs="?", const=True, default=default,
+                               metavar="BOOL", help=help_text)
+        else:
+            group.add_argument(f"--{f.name}", type=ftype, default=default, choices=choices, help=help_text)
+
+
+C = TypeVar("C")
+
+
+def build_parser(cls: type, description: str, with_model_args: bool = False) -> argparse.ArgumentParser:
+    parser = OneLineErrorParser(description=description, formatter_class=argparse.HelpFormatter)
+    add_dataclass_arguments(parser, cls)
+    if with_model_args:
+        add_dataclass_arguments(parser, ModelArgs, defaults_from_preset=True,
+                                title="model architecture (overrides the --model preset)")
+    return parser
+
+
+def parse_config(cls: type[C], argv: Sequence[str] | None = None, description: str = "",
+                 with_model_args: bool = False) -> C | tuple[C, dict[str, Any]]:
+    """Parse argv into an instance of cls. With with_model_args, also return the ModelArgs overrides that were
+    given explicitly (a dict of field -> value)."""
+    parser = build_parser(cls, description or (cls.__doc__ or ""), with_model_args)
+    namespace = vars(parser.parse_args(argv))
+    own = {f.name for f in dataclasses.fields(cls)}
+    config = cls(**{k: v for k, v in namespace.items() if k in own})
+    if not with_model_args:
+        return config
+    overrides = {k: v for k, v in namespace.items() if k not in own and v is not None}
+    return config, overrides
+
+
+def fail(message: str, code: int = 1) -> typing.NoReturn:
+    """Report a user mistake as one line on stderr and exit non-zero."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(code)
+
+
+def run_main(main: typing.Callable[[], Any]) -> None:
+    """Run a script's main(): user mistakes become a one-line error and exit status 1; Ctrl-C exits with 130."""
+    try:
+        main()
+    except UserError as e:
+        fail(str(e))
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        raise SystemExit(130)
+
+
+def dump_json(obj: Any) -> str:
+    return json.dumps(obj, indent=2, sort_keys=True)

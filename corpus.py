@@ -1,0 +1,135 @@
+"""Text sources for train_tokenizer.py and tokenize_data.py: a HF hub dataset (streamed), local
+.txt/.jsonl/.parquet files or folders (through `datasets`' own loaders), or the built-in corpus.
+
+The built-in corpus ('builtin') is English text that ships inside every Python installation: the `pydoc_data`
+help topics and the standard library's docstrings (about 2 MB), assembled at run time with no download, so
+every stage can run offline.
+"""
+from __future__ import annotations
+
+import ast
+import functools
+import inspect
+import os
+import sysconfig
+from pathlib import Path
+from typing import Iterator
+
+from config import DatasetOptions, UserError
+
+BUILTIN_NAME = "builtin"
+LOCAL_LOADERS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+_SKIPPED_STDLIB_DIRS = {"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3", "__pycache__",
+                        "turtledemo"}
+
+
+@functools.lru_cache(maxsize=1)
+def builtin_corpus_documents() -> tuple[str, ...]:
+    """The built-in corpus as documents, in a fixed order: each pydoc topic, then each docstring (module, class,
+    function) of at least 40 characters from the standard library's sources, files in sorted order."""
+    from pydoc_data.topics import topics
+
+    documents = [topics[name].strip() for name in sorted(topics)]
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    for directory, subdirs, files in os.walk(stdlib):
+        subdirs[:] = sorted(d for d in subdirs if d not in _SKIPPED_STDLIB_DIRS)
+        for name in sorted(files):
+            if not name.endswith(".py"):
+                continue
+            try:
+                tree = ast.parse(Path(directory, name).read_text(encoding="utf-8"))
+            except (SyntaxError, UnicodeDecodeError, OSError, ValueError):
+                continue
+            for node in ast.walk(tree):
+                if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                    doc = ast.get_docstring(node)
+                    if doc and len(doc) >= 40:
+                        documents.append(doc)
+    return tuple(documents)
+
+
+def _local_files(path: Path) -> list[Path]:
+    if path.is_file():
+        files = [path]
+    else:
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in LOCAL_LOADERS)
+    if not files:
+        raise UserError(f"no .txt/.jsonl/.parquet files found in '{path}'")
+    kinds = {LOCAL_LOADERS.get(p.suffix.lower()) for p in files}
+    if None in kinds:
+        raise UserError(f"'{files[0]}' has an unsupported extension; use .txt, .jsonl, .json or .parquet")
+    if len(kinds) > 1:
+        raise UserError(f"'{path}' mixes file types ({', '.join(sorted(kinds))}); put one type per folder")
+    return files
+
+
+def _load_local(path: Path, opts: DatasetOptions):
+    import datasets
+
+    files = _local_files(path)
+    loader = LOCAL_LOADERS[files[0].suffix.lower()]
+    kwargs = {"sample_by": "paragraph"} if loader == "text" else {}
+    return datasets.load_dataset(loader, data_files=[str(p) for p in files], split="train", streaming=True,
+                                 **kwargs)
+
+
+def _load_hub(opts: DatasetOptions):
+    import datasets
+
+    kwargs = {}
+    if "trust_remote_code" in inspect.signature(datasets.load_dataset).parameters:
+        kwargs["trust_remote_code"] = opts.trust_remote_code
+    return datasets.load_dataset(opts.dataset_path_huggingface, name=opts.dataset_sub_set or None,
+                                 split=opts.dataset_split, streaming=True, **kwargs)
+
+
+def _hub_error(opts: DatasetOptions, error: Exception) -> UserError:
+    first_line = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+    return UserError(f"could not read dataset '{opts.dataset_path_huggingface}' from the Hugging Face hub "
+                     f"({type(error).__name__}: {first_line}); check the id, --dataset_sub_set and your network, "
+                     f"or pass a local .txt/.jsonl/.parquet path or '{BUILTIN_NAME}'")
+
+
+def describe_source(opts: DatasetOptions) -> str:
+    source = opts.dataset_path_huggingface
+    if source == BUILTIN_NAME:
+        return "builtin corpus (pydoc topics + stdlib docstrings)"
+    if Path(source).exists():
+        return f"local files at {source}"
+    return f"HF hub {source}" + (f" [{opts.dataset_sub_set}]" if opts.dataset_sub_set else "") + \
+        f" split={opts.dataset_split}"
+
+
+def iter_documents(opts: DatasetOptions) -> Iterator[str]:
+    """Yield the source's documents (non-empty strings) in a deterministic order."""
+    source = opts.dataset_path_huggingface
+    if source == BUILTIN_NAME:
+        yield from builtin_corpus_documents()
+        return
+    is_local = Path(source).exists()
+    if not is_local and (source.startswith((".", "/", "~")) or Path(source).suffix.lower() in LOCAL_LOADERS):
+        raise UserError(f"dataset path '{source}' does not exist")
+    try:
+        dataset = _load_local(Path(source), opts) if is_local else _load_hub(opts)
+        rows = iter(dataset)
+        first = True
+        while True:
+            try:
+                row = next(rows)
+            except StopIteration:
+                return
+            if first:
+                first = False
+                if opts.text_column not in row:
+                    raise UserError(f"the dataset has no column '{opts.text_column}' (columns: "
+                                    f"{', '.join(row)}); pass --text_column")
+            text = row[opts.text_column]
+            if isinstance(text, str) and text:
+                yield text
+    except UserError:
+        raise
+    except Exception as error:  # datasets/hub raise many types; any failure to read is reported in one line
+        if is_local:
+            raise UserError(f"could not read '{source}' ({type(error).__name__}: "
+                            f"{str(error).strip()[:200]})") from error
+        raise _hub_error(opts, error) from error
