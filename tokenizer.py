@@ -1,0 +1,329 @@
+"""The one tokenizer interface every script uses: a trained byte-level BPE (train_tokenizer.py) or Mistral-Nemo's.
+
+Both kinds are a `tokenizers.Tokenizer` (Rust) underneath, wrapped by `Tokenizer`, which exposes only what the
+pipeline needs: encode / encode_batch / encode_document / decode, the pad/bos/eos ids, the vocabulary size and a
+fingerprint. The fingerprint (a hash of the vocabulary and merges) is recorded in token shards and checkpoints so
+a later stage given a different tokenizer stops with a clear error instead of training on or generating gibberish.
+
+Mistral-Nemo's tokenizer is read either from the HF-format `tokenizer.json` of Mistral-Nemo-Base-2407 or from
+Mistral's native `tekken.json` (tiktoken-style ranks), which is converted in memory to the same HF tokenizer by
+`tekken_to_hf` below.
+
+Special-token handling: text is always encoded with `encode_special_tokens=True`, i.e. a document that happens to
+contain the string "<|eos|>" or "</s>" is tokenized as ordinary text, never as the control token. This matches
+mistral_common's default (special tokens in text are ignored) and means data can't inject control tokens; the
+only control tokens in a sequence are the bos/eos that `encode_document` adds.
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Sequence
+
+import tokenizers
+from tokenizers import AddedToken, Regex, decoders, pre_tokenizers
+from tokenizers.models import BPE
+
+from config import TokenizerOptions, UserError
+
+PROJECT_DIR = Path(__file__).resolve().parent
+TOKENIZER_FILE = "tokenizer.json"
+METADATA_FILE = "tokenizer_metadata.json"
+TEKKEN_FILE = "tekken.json"
+
+# Trained tokenizer: special tokens and their fixed ids (train_tokenizer.py puts them first, in this order).
+PAD_TOKEN, BOS_TOKEN, EOS_TOKEN = "<|pad|>", "<|bos|>", "<|eos|>"
+NUM_RESERVED_TOKENS = 5
+TRAINED_SPECIAL_TOKENS: tuple[str, ...] = (PAD_TOKEN, BOS_TOKEN, EOS_TOKEN) + tuple(
+    f"<|reserved_{i}|>" for i in range(NUM_RESERVED_TOKENS))
+
+# Mistral-Nemo's control tokens. Padding uses <pad> (id 11 in Nemo); a vocabulary without it pads with <unk>
+# (id 0), a control token that byte-level BPE never produces from text, so padding can't collide with real text.
+MISTRAL_BOS, MISTRAL_EOS, MISTRAL_UNK, MISTRAL_PAD = "<s>", "</s>", "<unk>", "<pad>"
+MISTRAL_DOWNLOAD_URL = "https://huggingface.co/mistralai/Mistral-Nemo-Base-2407"
+# Special tokens of tekken files that don't list their own (mistral_common's Tekkenizer.DEPRECATED_SPECIAL_TOKENS,
+# copied so conversion doesn't need mistral_common); the rest up to num_special_tokens are "<SPECIAL_{i}>".
+TEKKEN_DEFAULT_SPECIALS: tuple[str, ...] = (
+    "<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]", "[TOOL_RESULTS]",
+    "[/TOOL_RESULTS]", "[TOOL_CALLS]", "[IMG]", "<pad>", "[IMG_BREAK]", "[IMG_END]", "[PREFIX]", "[MIDDLE]",
+    "[SUFFIX]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[TOOL_CONTENT]")
+
+
+class Tokenizer:
+    """A `tokenizers.Tokenizer` plus the ids and identity the training/generation pipeline needs."""
+
+    def __init__(self, backend: tokenizers.Tokenizer, kind: str, bos_id: int, eos_id: int, pad_id: int,
+                 source: str = "") -> None:
+        self.backend = backend
+        # Documents are text: never turn "<|eos|>" written inside a document into the control token.
+        self.backend.encode_special_tokens = True
+        self.kind = kind
+        self.bos_id, self.eos_id, self.pad_id = bos_id, eos_id, pad_id
+        self.vocab_size = backend.get_vocab_size(with_added_tokens=True)
+        self.fingerprint = compute_fingerprint(backend)
+        self.source = source
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of text, no special tokens added."""
+        return self.backend.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """Token ids of many texts, encoded in parallel by the Rust backend (no special tokens added)."""
+        if hasattr(self.backend, "encode_batch_fast"):  # skips offset tracking: noticeably faster
+            encodings = self.backend.encode_batch_fast(list(texts), add_special_tokens=False)
+        else:
+            encodings = self.backend.encode_batch(list(texts), add_special_tokens=False)
+        return [e.ids for e in encodings]
+
+    def encode_document(self, text: str) -> list[int]:
+        """A document as the model sees it: [bos] + encode(text) + [eos]."""
+        return [self.bos_id, *self.encode(text), self.eos_id]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of ids; special tokens (pad/bos/eos/control) are skipped."""
+        return self.backend.decode([int(i) for i in ids], skip_special_tokens=True)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self.backend.token_to_id(token)
+
+    def id_to_token(self, token_id: int) -> str | None:
+        return self.backend.id_to_token(int(token_id))
+
+    def describe(self) -> dict[str, Any]:
+        """What shards and checkpoints record about the tokenizer (checked later with check_fingerprint)."""
+        return {"kind": self.kind, "fingerprint": self.fingerprint, "vocab_size": self.vocab_size}
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    def __repr__(self) -> str:
+        return (f"Tokenizer(kind={self.kind!r}, vocab_size={self.vocab_size}, bos={self.bos_id}, "
+                f"eos={self.eos_id}, pad={self.pad_id}, fingerprint={self.fingerprint!r})")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Fingerprint
+
+
+def _model_vocab_and_merges(backend: tokenizers.Tokenizer) -> tuple[list[list[Any]], list[list[str]]]:
+    """The vocabulary (token, id) sorted by id, added tokens included, and the merges as [left, right] pairs."""
+    model = json.loads(backend.model.__getstate__())  # the model section only: cheaper than the whole to_str()
+    vocab: dict[str, int] = dict(model.get("vocab") or {})
+    for token, token_id in backend.get_added_tokens_decoder().items():
+        vocab.setdefault(token_id.content, token)
+    merges = [m.split(" ", 1) if isinstance(m, str) else list(m) for m in model.get("merges") or []]
+    return sorted(([t, i] for t, i in vocab.items()), key=lambda x: (x[1], x[0])), merges
+
+
+def compute_fingerprint(backend: tokenizers.Tokenizer) -> str:
+    """First 16 hex chars of sha256(vocab + merges): identical vocab and merges give an identical fingerprint,
+    whichever file format they were read from (tekken.json and the equivalent tokenizer.json agree)."""
+    vocab, merges = _model_vocab_and_merges(backend)
+    digest = hashlib.sha256()
+    digest.update(json.dumps({"vocab": vocab, "merges": merges}, ensure_ascii=False,
+                             separators=(",", ":")).encode("utf-8"))
+    return digest.hexdigest()[:16]
+
+
+def check_fingerprint(tokenizer: Tokenizer, expected: str | None, what: str) -> None:
+    """Stop (UserError) when `what` (e.g. "the token shards in data/") was made with another tokenizer. An empty
+    `expected` means nothing was recorded, and is accepted."""
+    if expected and expected != tokenizer.fingerprint:
+        raise UserError(f"{what} was made with tokenizer fingerprint {expected}, but the loaded {tokenizer.kind} "
+                        f"tokenizer has fingerprint {tokenizer.fingerprint}; pass the same tokenizer "
+                        f"(--tokenizer_path / --load_mistral_tokenizer) or redo that stage with this one")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_tokenizer(opts: TokenizerOptions) -> Tokenizer:
+    """The trained tokenizer at opts.tokenizer_path, or Mistral-Nemo's (opts.mistral_tokenizer_path) when
+    opts.load_mistral_tokenizer. Any problem with the files is a one-line UserError."""
+    if opts.load_mistral_tokenizer:
+        return load_mistral_tokenizer(opts.mistral_tokenizer_path)
+    return load_trained_tokenizer(opts.tokenizer_path)
+
+
+def _resolve(path: str | Path) -> Path:
+    """A relative path that doesn't exist in the current directory is looked up in the project directory too, so
+    the scripts find `tokenizer/` and Mistral's `tokenizer.json` when run from elsewhere."""
+    path = Path(path).expanduser()
+    if not path.exists() and not path.is_absolute() and (PROJECT_DIR / path).exists():
+        return PROJECT_DIR / path
+    return path
+
+
+def _read_json(path: Path, what: str) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        reason = str(error).strip().splitlines()[0][:160] if str(error).strip() else type(error).__name__
+        raise UserError(f"cannot read {what} '{path}' ({type(error).__name__}: {reason}); "
+                        f"it must be a readable JSON file") from None
+
+
+def _backend_from_json(data: Any, path: Path, what: str) -> tokenizers.Tokenizer:
+    if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
+        raise UserError(f"'{path}' is not a Hugging Face tokenizer.json (no 'model' section); expected {what}")
+    try:
+        return tokenizers.Tokenizer.from_str(json.dumps(data))
+    except Exception as error:  # the Rust side raises a plain Exception with a serde message
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
+        raise UserError(f"'{path}' is not a valid tokenizer.json ({reason}); expected {what}") from None
+
+
+def load_trained_tokenizer(path: str | Path) -> Tokenizer:
+    """A tokenizer written by train_tokenizer.py: its folder, or the tokenizer.json inside it."""
+    resolved = _resolve(path)
+    file = resolved / TOKENIZER_FILE if resolved.is_dir() else resolved
+    if not file.is_file():
+        raise UserError(f"no trained tokenizer at '{path}' (looked for {file}); run `python train_tokenizer.py "
+                        f"--output_path {path}` first, pass --tokenizer_path, or use --load_mistral_tokenizer=True")
+    what = "a tokenizer trained by train_tokenizer.py"
+    backend = _backend_from_json(_read_json(file, "tokenizer file"), file, what)
+    ids = {name: backend.token_to_id(name) for name in (PAD_TOKEN, BOS_TOKEN, EOS_TOKEN)}
+    if None in ids.values():
+        missing = ", ".join(name for name, i in ids.items() if i is None)
+        hint = (" (this looks like Mistral's tokenizer: use --load_mistral_tokenizer=True)"
+                if backend.token_to_id(MISTRAL_BOS) is not None else "")
+        raise UserError(f"'{file}' lacks the special tokens {missing}, so it is not {what}{hint}")
+    meta_file = file.parent / METADATA_FILE
+    kind = "trained"
+    if meta_file.is_file():
+        meta = _read_json(meta_file, "tokenizer metadata")
+        kind = meta.get("kind", kind) if isinstance(meta, dict) else kind
+    return Tokenizer(backend, kind=kind, bos_id=ids[BOS_TOKEN], eos_id=ids[EOS_TOKEN], pad_id=ids[PAD_TOKEN],
+                     source=str(file))
+
+
+def _missing_mistral_message(path: str | Path) -> str:
+    return (f"Mistral-Nemo's tokenizer was not found at '{path}'; download tokenizer.json from "
+            f"{MISTRAL_DOWNLOAD_URL} (Files and versions) and put it in the project directory ({PROJECT_DIR}), "
+            f"or pass --mistral_tokenizer_path to the file (tokenizer.json or tekken.json) or its folder")
+
+
+def load_mistral_tokenizer(path: str | Path) -> Tokenizer:
+    """Mistral-Nemo's tokenizer from its HF tokenizer.json, or from Mistral's tekken.json (converted in memory),
+    or from a folder holding one of them (tokenizer.json preferred)."""
+    resolved = _resolve(path)
+    file = resolved
+    if resolved.is_dir():
+        candidates = [resolved / TOKENIZER_FILE, resolved / TEKKEN_FILE]
+        file = next((c for c in candidates if c.is_file()), candidates[0])
+    if not file.is_file():
+        raise UserError(_missing_mistral_message(path))
+    data = _read_json(file, "Mistral tokenizer file")
+    what = "Mistral-Nemo's tokenizer.json or tekken.json"
+    if isinstance(data, dict) and isinstance(data.get("vocab"), list) and isinstance(data.get("config"), dict):
+        backend = tekken_to_hf(data, file)
+    else:
+        backend = _backend_from_json(data, file, what)
+    ids = {name: backend.token_to_id(name) for name in (MISTRAL_UNK, MISTRAL_BOS, MISTRAL_EOS)}
+    if None in ids.values():
+        missing = ", ".join(name for name, i in ids.items() if i is None)
+        hint = (" (this looks like a tokenizer trained by train_tokenizer.py: drop --load_mistral_tokenizer)"
+                if backend.token_to_id(BOS_TOKEN) is not None else "")
+        raise UserError(f"'{file}' lacks the tokens {missing}, so it is not {what}{hint}")
+    pad_id = backend.token_to_id(MISTRAL_PAD)
+    if pad_id is None:
+        pad_id = ids[MISTRAL_UNK]
+    return Tokenizer(backend, kind="mistral", bos_id=ids[MISTRAL_BOS], eos_id=ids[MISTRAL_EOS], pad_id=pad_id,
+                     source=str(file))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# tekken.json -> HF tokenizer
+
+
+@lru_cache(maxsize=1)
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character map, the alphabet of the HF ByteLevel pre-tokenizer."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    chars = list(printable)
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return {b: chr(c) for b, c in zip(printable, chars)}
+
+
+def tekken_merges(ranks: dict[bytes, int]) -> list[tuple[bytes, bytes]]:
+    """HF BPE merges equivalent to tiktoken's rank-based BPE.
+
+    tiktoken repeatedly joins the adjacent pair whose concatenation has the lowest rank. A HF merge list does the
+    same if it holds, for every multi-byte token t, each split t = l + r with l and r in the vocabulary, ordered by
+    rank(t); splits of the same t are ordered by (rank(l), rank(r)) (the order transformers' converter uses too,
+    so both conversions give the same merges and fingerprint)."""
+    merges: list[tuple[int, int, int, bytes, bytes]] = []
+    for token, rank in ranks.items():
+        for i in range(1, len(token)):
+            left, right = token[:i], token[i:]
+            left_rank, right_rank = ranks.get(left), ranks.get(right)
+            if left_rank is not None and right_rank is not None:
+                merges.append((rank, left_rank, right_rank, left, right))
+    merges.sort(key=lambda m: m[:3])
+    return [(m[3], m[4]) for m in merges]
+
+
+def tekken_to_hf(data: dict[str, Any], path: Path | str = "tekken.json") -> tokenizers.Tokenizer:
+    """Convert a parsed tekken.json into the HF tokenizer Mistral publishes as tokenizer.json.
+
+    Layout (as mistral_common's Tekkenizer): ids [0, num_special) are the control tokens (the file's
+    `special_tokens`, or the default list for old files, padded with "<SPECIAL_{i}>"); ids from num_special on are
+    the first `default_vocab_size - num_special` byte tokens of `vocab`, in rank order. The model is a byte-level
+    BPE with ignore_merges (a pre-token that is itself in the vocabulary maps to that token, as in tiktoken), the
+    tekken split regex followed by ByteLevel, and the ByteLevel decoder."""
+    def bad(reason: str) -> UserError:
+        return UserError(f"'{path}' is not a valid tekken.json ({reason})")
+
+    try:
+        config = data["config"]
+        pattern = config["pattern"]
+        num_special = int(config.get("default_num_special_tokens", 1000))
+        vocab_size = int(config.get("default_vocab_size", num_special + len(data["vocab"])))
+        special_entries = data.get("special_tokens")
+        specials = ([str(t["token_str"]) for t in sorted(special_entries, key=lambda t: t["rank"])]
+                    if special_entries is not None else list(TEKKEN_DEFAULT_SPECIALS))
+        inner = data["vocab"][:vocab_size - num_special]
+        token_bytes = [base64.b64decode(entry["token_bytes"]) for entry in inner]
+        for position, entry in enumerate(inner):
+            if int(entry["rank"]) != position:
+                raise bad(f"vocab entry {position} has rank {entry['rank']}")
+    except UserError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
+        raise bad(f"{type(error).__name__}: {error}") from None
+    if len(specials) > num_special:
+        raise bad(f"{len(specials)} special tokens but default_num_special_tokens={num_special}")
+    specials += [f"<SPECIAL_{i}>" for i in range(len(specials), num_special)]
+    ranks = {token: rank for rank, token in enumerate(token_bytes)}
+    if len(ranks) != len(token_bytes):
+        raise bad("duplicate tokens in vocab")
+
+    byte_map = bytes_to_unicode()
+
+    def to_str(token: bytes) -> str:
+        return "".join(byte_map[b] for b in token)
+
+    vocab = {token: i for i, token in enumerate(specials)}
+    vocab.update({to_str(token): rank + num_special for token, rank in ranks.items()})
+    merges = [(to_str(left), to_str(right)) for left, right in tekken_merges(ranks)]
+    try:
+        backend = tokenizers.Tokenizer(BPE(vocab, merges, fuse_unk=False, ignore_merges=True))
+        backend.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(pattern), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ])
+    except Exception as error:
+        raise bad(f"{type(error).__name__}: {str(error)[:160]}") from None
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens([AddedToken(token, special=True, normalized=False) for token in specials])
+    return backend

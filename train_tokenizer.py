@@ -1,0 +1,150 @@
+"""Train a byte-level BPE tokenizer and write `<output_path>/tokenizer.json` plus `tokenizer_metadata.json`.
+
+    python train_tokenizer.py --vocab_size 32768                       # built-in corpus (offline)
+    python train_tokenizer.py --dataset_path_huggingface HuggingFaceFW/fineweb --dataset_sub_set sample-10BT \
+        --tokenizer_train_shard_size 50000000 --vocab_size 32768
+
+The merges are learned by the `tokenizers` library's Rust BpeTrainer (fast, and deterministic: the same text and
+options give a byte-identical file). Text is split by the GPT-4 regex, then mapped to bytes (ByteLevel, the full
+256-byte alphabet is always in the vocabulary, so no input is ever unknown). Special tokens come first:
+<|pad|>=0, <|bos|>=1, <|eos|>=2, then <|reserved_0..4|>. The output loads unchanged with
+`tokenizers.Tokenizer.from_file` and `transformers.PreTrainedTokenizerFast(tokenizer_file=...)`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Iterator
+
+import tokenizers
+from tokenizers import Regex, decoders, pre_tokenizers
+from tokenizers.models import BPE
+from tokenizers.trainers import BpeTrainer
+from tqdm import tqdm
+
+import corpus
+from config import TrainTokenizerConfig, UserError, parse_config, run_main
+from tokenizer import (BOS_TOKEN, EOS_TOKEN, METADATA_FILE, PAD_TOKEN, TOKENIZER_FILE, TRAINED_SPECIAL_TOKENS,
+                       compute_fingerprint)
+
+# GPT-4's (cl100k) split: contractions, words with one leading non-letter, numbers in groups of up to 3 digits,
+# punctuation runs, newlines, and whitespace (the last space of a run is left to join the following word).
+GPT4_SPLIT_PATTERN = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*|"""
+                      r"""\s*[\r\n]|\s+(?!\S)|\s+""")
+MIN_VOCAB_SIZE = 256 + len(TRAINED_SPECIAL_TOKENS)
+
+
+def build_untrained_tokenizer() -> tokenizers.Tokenizer:
+    """An empty byte-level BPE with the split regex, ByteLevel mapping and decoder, ready for the trainer."""
+    tok = tokenizers.Tokenizer(BPE(unk_token=None, fuse_unk=False, byte_fallback=False))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(GPT4_SPLIT_PATTERN), behavior="isolated", invert=False),
+        # use_regex=False: the split is already done above; ByteLevel only maps bytes to its printable alphabet.
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    return tok
+
+
+def limited_documents(documents: Iterator[str], max_chars: int, progress: tqdm | None = None) -> Iterator[str]:
+    """Documents until max_chars characters have been yielded (the last one cut to fit); updates the bar."""
+    remaining = max_chars
+    for text in documents:
+        if remaining <= 0:
+            return
+        if len(text) > remaining:
+            text = text[:remaining]
+        remaining -= len(text)
+        if progress is not None:
+            progress.update(len(text))
+        yield text
+
+
+def check_writable(folder: Path) -> None:
+    """Fail before training (not after minutes of it) when the output folder can't be written."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write_test.{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise UserError(f"cannot write the tokenizer to '{folder}' ({error.strerror or error}); "
+                        f"pass a writable --output_path") from None
+
+
+def atomic_write(path: Path, text: str) -> None:
+    """Write via a temporary file and os.replace, so a reader never sees a half-written file."""
+    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as error:
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"cannot write '{path}' ({error.strerror or error}); pass a writable --output_path") \
+            from None
+
+
+def train(cfg: TrainTokenizerConfig, show_progress: bool = True) -> tuple[tokenizers.Tokenizer, int]:
+    """Train on up to cfg.tokenizer_train_shard_size characters of cfg's dataset; returns (tokenizer, chars)."""
+    if cfg.vocab_size < MIN_VOCAB_SIZE:
+        raise UserError(f"--vocab_size {cfg.vocab_size} is too small: it must hold the 256 byte tokens and "
+                        f"{len(TRAINED_SPECIAL_TOKENS)} special tokens, so at least {MIN_VOCAB_SIZE}")
+    if cfg.tokenizer_train_shard_size <= 0:
+        raise UserError(f"--tokenizer_train_shard_size must be positive, got {cfg.tokenizer_train_shard_size}")
+    documents = corpus.iter_documents(cfg)
+    first = next(documents, None)  # read one document now: an empty dataset is an error, not an empty vocab
+    if first is None:
+        raise UserError(f"the dataset '{cfg.dataset_path_huggingface}' has no text to train on")
+
+    def all_documents() -> Iterator[str]:
+        yield first
+        yield from documents
+
+    tok = build_untrained_tokenizer()
+    trainer = BpeTrainer(vocab_size=cfg.vocab_size, min_frequency=cfg.min_frequency,
+                         special_tokens=list(TRAINED_SPECIAL_TOKENS),
+                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    with tqdm(total=cfg.tokenizer_train_shard_size, unit="char", unit_scale=True, desc="reading text",
+              disable=not show_progress, file=sys.stderr) as bar:
+        tok.train_from_iterator(limited_documents(all_documents(), cfg.tokenizer_train_shard_size, bar),
+                                trainer=trainer)
+        chars = bar.n
+    return tok, chars
+
+
+def metadata(tok: tokenizers.Tokenizer, cfg: TrainTokenizerConfig, chars: int) -> dict[str, Any]:
+    """The small description written beside tokenizer.json (no timestamps: same input, same file)."""
+    return {
+        "kind": "trained",
+        "vocab_size": tok.get_vocab_size(with_added_tokens=True),
+        "requested_vocab_size": cfg.vocab_size,
+        "fingerprint": compute_fingerprint(tok),
+        "source": corpus.describe_source(cfg),
+        "train_chars": chars,
+        "min_frequency": cfg.min_frequency,
+        "special_tokens": {name: tok.token_to_id(name) for name in TRAINED_SPECIAL_TOKENS},
+        "pad_id": tok.token_to_id(PAD_TOKEN), "bos_id": tok.token_to_id(BOS_TOKEN),
+        "eos_id": tok.token_to_id(EOS_TOKEN),
+        "split_pattern": GPT4_SPLIT_PATTERN,
+        "tokenizers_version": tokenizers.__version__,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = parse_config(TrainTokenizerConfig, argv, description=__doc__.split("\n\n")[0])
+    out = Path(cfg.output_path)
+    check_writable(out)
+    tok, chars = train(cfg)
+    meta = metadata(tok, cfg, chars)
+    atomic_write(out / TOKENIZER_FILE, tok.to_str(pretty=True))
+    atomic_write(out / METADATA_FILE, json.dumps(meta, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+    note = "" if meta["vocab_size"] == cfg.vocab_size else \
+        f" (asked for {cfg.vocab_size}; the text supports no more merges)"
+    print(f"trained on {chars:,} characters from {meta['source']}: vocab {meta['vocab_size']}{note}, "
+          f"fingerprint {meta['fingerprint']} -> {out / TOKENIZER_FILE}")
+
+
+if __name__ == "__main__":
+    run_main(main)
