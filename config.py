@@ -218,6 +218,10 @@ class TrainConfig(TokenizerOptions):
     resume: bool = opt(True, "continue from the latest checkpoint in --save_file_name when there is one")
     init_from: str = opt("", "start from these weights: a checkpoint folder or a HF DeepseekV3 model folder")
     log_file: str = opt("", "JSONL log path; empty means <save_file_name>/log.jsonl")
+    log_every: int = opt(1, "print a progress line every this many steps (the JSONL log gets every step)")
+    quiet: bool = opt(False, "print only the summary, evaluations, checkpoints and errors")
+    peak_flops: float = opt(0.0, "peak FLOP/s per device for MFU; 0 means the GPU's table value (bf16/fp16) or "
+                                 "the matmul rate measured at startup")
 
 
 @dataclass
