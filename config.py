@@ -247,6 +247,20 @@ class GenerateConfig(TokenizerOptions):
     stream: bool = opt(True, "print tokens as they are produced (single sequence only)")
 
 
+@dataclass
+class ExportConfig(TokenizerOptions):
+    """Options of hf_interop.py (export a checkpoint as a Hugging Face DeepseekV3 model folder)."""
+
+    save_file_name: str = opt("checkpoints", "checkpoint folder (its latest checkpoint) or one step folder")
+    output_dir: str = opt("hf_model", "HF model folder to write (config.json, safetensors, tokenizer)")
+    max_shard_size: str = opt("2GB", "split the weights into safetensors shards of at most this size (e.g. 500MB)")
+    dtype: str = opt("auto", "weight dtype of the export; auto keeps the checkpoint's",
+                     choices=("auto", "fp32", "bf16", "fp16"))
+    save_tokenizer: bool = opt(True, "also write tokenizer.json and tokenizer_config.json (the checkpoint's "
+                                     "tokenizer, checked by fingerprint)")
+    overwrite: bool = opt(False, "replace --output_dir when it already holds a model")
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Parser generation
 
