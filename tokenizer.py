@@ -27,7 +27,9 @@ import tokenizers
 from tokenizers import AddedToken, Regex, decoders, pre_tokenizers
 from tokenizers.models import BPE
 
-from config import TokenizerOptions, UserError
+from dataclasses import dataclass
+
+from config import TokenizerOptions, UserError, opt, parse_config, run_main
 
 PROJECT_DIR = Path(__file__).resolve().parent
 TOKENIZER_FILE = "tokenizer.json"
@@ -308,14 +310,12 @@ def tekken_to_hf(data: dict[str, Any], path: Path | str = "tekken.json") -> toke
     if len(ranks) != len(token_bytes):
         raise bad("duplicate tokens in vocab")
 
-    byte_map = bytes_to_unicode()
-
-    def to_str(token: bytes) -> str:
-        return "".join(byte_map[b] for b in token)
-
+    # bytes -> ByteLevel string: latin-1 maps each byte to the char of the same code, translate() remaps it.
+    table = str.maketrans({chr(b): c for b, c in bytes_to_unicode().items()})
+    as_str = {token: token.decode("latin-1").translate(table) for token in token_bytes}
     vocab = {token: i for i, token in enumerate(specials)}
-    vocab.update({to_str(token): rank + num_special for token, rank in ranks.items()})
-    merges = [(to_str(left), to_str(right)) for left, right in tekken_merges(ranks)]
+    vocab.update({as_str[token]: rank + num_special for token, rank in ranks.items()})
+    merges = [(as_str[left], as_str[right]) for left, right in tekken_merges(ranks)]
     try:
         backend = tokenizers.Tokenizer(BPE(vocab, merges, fuse_unk=False, ignore_merges=True))
         backend.pre_tokenizer = pre_tokenizers.Sequence([
@@ -327,3 +327,27 @@ def tekken_to_hf(data: dict[str, Any], path: Path | str = "tekken.json") -> toke
     backend.decoder = decoders.ByteLevel()
     backend.add_special_tokens([AddedToken(token, special=True, normalized=False) for token in specials])
     return backend
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Command line: inspect a tokenizer (also how tests exercise the loaders' one-line errors)
+
+
+@dataclass
+class InspectTokenizerConfig(TokenizerOptions):
+    """Load a tokenizer, print its description and the tokens of --text."""
+
+    text: str = opt("Hello world! 12345 héllo 日本語", "text to encode")
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = parse_config(InspectTokenizerConfig, argv)
+    tok = load_tokenizer(cfg)
+    ids = tok.encode(cfg.text)
+    print(f"{tok!r} from {tok.source}")
+    print(f"{len(cfg.text.encode('utf-8'))} bytes -> {len(ids)} tokens: {ids}")
+    print("pieces:", [tok.id_to_token(i) for i in ids])
+
+
+if __name__ == "__main__":
+    run_main(main)
