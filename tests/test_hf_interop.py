@@ -1,0 +1,365 @@
+"""HF interoperability: our model against transformers' DeepseekV3 as the oracle.
+
+Random tiny configurations (full-rank and low-rank queries, dense-only and MoE, group-limited routing, a random
+non-zero router bias, shared experts or none, tied embeddings) are exported to a HF folder; transformers loads it
+with no missing/unexpected weights and must produce the same logits (1e-4, float32) and the same greedy tokens as
+our model. Export -> import is bit-identical; folders transformers itself wrote (per-expert or fused experts,
+rope_interleave true or false) import to the same function; options HF cannot express stop with a UserError.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import checkpoint  # noqa: E402
+import hf_interop as hfi  # noqa: E402
+import tokenizer as tk  # noqa: E402
+from config import ModelArgs, UserError  # noqa: E402
+from generate import generate  # noqa: E402
+from model import Transformer  # noqa: E402
+from tests.conftest import run_script  # noqa: E402
+
+from transformers import AutoModelForCausalLM, AutoTokenizer, DeepseekV3Config, DeepseekV3ForCausalLM  # noqa: E402
+
+ATOL = 1e-4
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# helpers
+
+
+def random_args(seed: int, **features) -> ModelArgs:
+    """A random tiny configuration; `features` pin what the test is about."""
+    rng = random.Random(seed)
+    n_heads = rng.choice([1, 2, 4])
+    n_groups = features.pop("n_expert_groups", 1)
+    per_group = rng.choice([2, 3])
+    values = dict(
+        vocab_size=rng.randint(60, 160), dim=rng.choice([16, 24, 32]), inter_dim=rng.choice([24, 40, 64]),
+        moe_inter_dim=rng.choice([8, 12, 16]), n_layers=rng.randint(2, 3), n_dense_layers=1, n_heads=n_heads,
+        max_seq_len=64, q_lora_rank=0, kv_lora_rank=rng.choice([8, 12]), qk_nope_head_dim=rng.choice([4, 8]),
+        qk_rope_head_dim=rng.choice([2, 4, 8]), v_head_dim=rng.choice([4, 6, 8]),
+        rope_theta=rng.choice([10000.0, 500.0]), n_routed_experts=n_groups * per_group * rng.choice([1, 2]),
+        n_shared_experts=rng.choice([1, 2]), n_activated_experts=2, n_expert_groups=n_groups,
+        n_limited_groups=max(1, n_groups // 2), score_func="sigmoid", route_scale=rng.choice([1.0, 2.5]),
+        bias_update_speed=rng.choice([0.001, 0.01]), init_std=0.02,
+    )
+    values.update(features)
+    return ModelArgs(**values)
+
+
+@torch.no_grad()
+def random_model(args: ModelArgs, seed: int) -> Transformer:
+    """Random weights with spread-out logits (no near-ties for greedy decoding), non-trivial norm weights and a
+    random non-zero router bias."""
+    torch.manual_seed(seed)
+    model = Transformer(args)
+    model.init_weights()
+    for name, p in model.named_parameters():
+        if name.endswith("norm.weight"):
+            p.copy_(1 + 0.3 * torch.randn_like(p))
+        elif name == "embed.weight":
+            p.normal_(0, 1.0)
+        else:
+            p.normal_(0, 1.5 / math.sqrt(p.shape[-1]))
+    for moe in model.moe_layers():
+        moe.gate.bias.copy_(0.2 * torch.randn_like(moe.gate.bias))
+    return model.eval()
+
+
+def load_hf(folder: Path) -> torch.nn.Module:
+    """transformers' model from a folder, asserting that every weight matched (none missing, unexpected or
+    mismatched) and that nothing was logged about weights."""
+    records: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            records.append(record.getMessage())
+
+    logger = logging.getLogger("transformers")
+    handler = Collect(level=logging.WARNING)
+    logger.addHandler(handler)
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(folder, output_loading_info=True)
+    finally:
+        logger.removeHandler(handler)
+    assert isinstance(model, DeepseekV3ForCausalLM)
+    for key in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs"):
+        assert not info.get(key), (key, info[key])
+    assert not [r for r in records if "weight" in r.lower() or "key" in r.lower()], records
+    return model.eval()
+
+
+def hf_greedy(model, prompt: list[int], n: int, eos_id: int | None) -> list[int]:
+    ids = torch.tensor([prompt])
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
+                         eos_token_id=eos_id, pad_token_id=0)
+    new = out[0, len(prompt):].tolist()
+    if eos_id is not None and eos_id in new:
+        new = new[:new.index(eos_id) + 1]
+    return new
+
+
+def assert_state_dicts_identical(a: dict, b: dict) -> None:
+    assert set(a) == set(b)
+    for name in a:
+        assert a[name].dtype == b[name].dtype, name
+        assert torch.equal(a[name], b[name]), name
+
+
+CASES = {
+    # name: (seed, features)
+    "full_q_moe": (1, dict(q_lora_rank=0)),
+    "lora_q_moe_groups": (2, dict(q_lora_rank=12, n_expert_groups=4, n_layers=3)),
+    "dense_only_softmax": (3, dict(n_dense_layers=3, n_layers=3, score_func="softmax", q_lora_rank=8)),
+    "all_moe_no_shared_tied": (4, dict(n_dense_layers=0, n_shared_experts=0, tie_embeddings=True,
+                                       n_expert_groups=2, n_activated_experts=3)),
+}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# our model == transformers' model
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_export_matches_transformers_logits_and_greedy_tokens(case, tmp_path):
+    seed, features = CASES[case]
+    args = random_args(seed, **features)
+    model = random_model(args, seed)
+    folder = hfi.write_hf_folder(tmp_path / "hf", args, model.state_dict())
+    config = json.loads((folder / "config.json").read_text())
+    assert config["model_type"] == "deepseek_v3" and config["architectures"] == ["DeepseekV3ForCausalLM"]
+    assert (config["q_lora_rank"] is None) == (args.q_lora_rank == 0)
+    hf = load_hf(folder)
+    assert hf.config.first_k_dense_replace == min(args.n_dense_layers, args.n_layers)
+
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, args.vocab_size, (3, 17), generator=g)
+    with torch.no_grad():
+        ours, theirs = model(tokens), hf(tokens).logits
+    assert ours.abs().max() > 1.0  # logits spread out: the comparison is not trivially small numbers
+    torch.testing.assert_close(ours, theirs, atol=ATOL, rtol=0)
+
+    # greedy decoding: ours batched (left-padded prompts, latent cache) vs transformers one prompt at a time
+    prompts = [torch.randint(3, args.vocab_size, (n,), generator=g).tolist() for n in (5, 9, 2)]
+    n_new = 12
+    mine = generate(model, prompts, n_new, temperature=0.0, eos_id=2, pad_id=0)
+    for prompt, got in zip(prompts, mine):
+        assert got == hf_greedy(hf, prompt, n_new, eos_id=2)
+
+
+def test_routing_really_depends_on_the_router_bias(tmp_path):
+    """The bias is exported where transformers uses it: zeroing it on one side changes the model."""
+    args = random_args(5, n_expert_groups=2)
+    model = random_model(args, 5)
+    folder = hfi.write_hf_folder(tmp_path / "hf", args, model.state_dict())
+    hf = load_hf(folder)
+    tokens = torch.randint(0, args.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens), hf(tokens).logits, atol=ATOL, rtol=0)
+        for moe in model.moe_layers():
+            moe.gate.bias.zero_()
+        assert (model(tokens) - hf(tokens).logits).abs().max() > 1e-2
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# round trips
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_state_dict_and_config_mappings_are_exact_inverses(case):
+    seed, features = CASES[case]
+    args = random_args(seed, **features)
+    model = random_model(args, seed)
+    sd = model.state_dict()
+    hf_sd = hfi.to_hf_state_dict(sd, args)
+    back = hfi.from_hf_state_dict(hf_sd, args)
+    if args.tie_embeddings:
+        assert "lm_head.weight" not in hf_sd
+        back["head.weight"] = back["embed.weight"]
+    assert_state_dicts_identical(sd, back)
+    assert hfi.from_hf_config(hfi.to_hf_config(args)) == args
+
+
+def make_tokenizer(folder: Path) -> tk.Tokenizer:
+    """A small trained tokenizer (our special tokens first), written like train_tokenizer.py writes it."""
+    from tokenizers.trainers import BpeTrainer
+    from tokenizers import pre_tokenizers
+
+    import train_tokenizer
+
+    backend = train_tokenizer.build_untrained_tokenizer()
+    trainer = BpeTrainer(vocab_size=300, special_tokens=list(tk.TRAINED_SPECIAL_TOKENS),
+                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    texts = ["The function returns the value of the argument.", "Hello world, hello there!",
+             "def f(x):\n    return x * 2\n", "Numbers 12345 and more words for merges."] * 20
+    backend.train_from_iterator(texts, trainer=trainer)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / tk.TOKENIZER_FILE).write_text(backend.to_str())
+    return tk.load_tokenizer(tk.TokenizerOptions(tokenizer_path=str(folder)))
+
+
+def save_tiny_checkpoint(root: Path, args: ModelArgs, tok: tk.Tokenizer | None, seed: int = 0) -> Path:
+    model = random_model(args, seed)
+    meta = {"model_args": args.to_dict(), "tokenizer": tok.describe() if tok else None, "train_config": {}}
+    return checkpoint.save_checkpoint(root, 7, model, None, meta, {}, keep=1)
+
+
+def test_export_import_round_trip_is_bit_identical_and_sharded(tmp_path):
+    args = random_args(11, q_lora_rank=8, n_expert_groups=2, tie_embeddings=True)
+    step = save_tiny_checkpoint(tmp_path / "ckpt", args, None, seed=11)
+    original = checkpoint.load_weights(step / checkpoint.WEIGHTS_FILE)
+    out = hfi.export_hf(tmp_path / "ckpt", tmp_path / "hf", max_shard_size="20KB")
+    index = json.loads((out / hfi.SAFE_INDEX).read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 1 and all((out / s).is_file() for s in shards)
+    assert not (out / hfi.SAFE_WEIGHTS).exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp")]  # the temporary folder is gone
+    load_hf(out)  # transformers reads the sharded folder without complaints
+
+    model, meta = hfi.load_hf_model(out)
+    assert ModelArgs.from_dict(meta["model_args"]) == args  # incl. fields HF has no name for
+    assert_state_dicts_identical(original, model.state_dict())
+    assert model.head.weight is model.embed.weight  # still tied, for further training
+    # the lead's loader goes through the same path
+    model2, meta2 = checkpoint.load_model(out)
+    assert_state_dicts_identical(original, model2.state_dict())
+    # exporting again refuses to overwrite unless asked, and then replaces the folder atomically
+    with pytest.raises(UserError, match="already exists"):
+        hfi.export_hf(tmp_path / "ckpt", out)
+    hfi.export_hf(tmp_path / "ckpt", out, overwrite=True)
+    assert (out / hfi.SAFE_WEIGHTS).is_file() and not (out / hfi.SAFE_INDEX).exists()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# import of folders transformers wrote
+
+
+def hf_config_for(args: ModelArgs, **overrides) -> DeepseekV3Config:
+    values = {k: v for k, v in hfi.to_hf_config(args).items() if k not in ("architectures", "model_type",
+                                                                           hfi.TOOLKIT_KEY, "rope_scaling")}
+    values.update(overrides)
+    return DeepseekV3Config(**values)
+
+
+@pytest.mark.parametrize("rope_interleave", [True, False])
+def test_import_of_a_folder_transformers_wrote(rope_interleave, tmp_path):
+    args = random_args(21, q_lora_rank=6, n_expert_groups=2)
+    torch.manual_seed(21)
+    hf = DeepseekV3ForCausalLM(hf_config_for(args, rope_interleave=rope_interleave)).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if "layernorm" in name or name.endswith("norm.weight"):
+                p.copy_(1 + 0.3 * torch.randn_like(p))
+            else:
+                p.normal_(0, 1.5 / math.sqrt(p.shape[-1]))
+        for name, b in hf.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.copy_(0.2 * torch.randn_like(b))
+    hf.save_pretrained(tmp_path / "hf")
+    tokens = torch.randint(0, args.vocab_size, (2, 15), generator=torch.Generator().manual_seed(1))
+    model, meta = hfi.load_hf_model(tmp_path / "hf")
+    assert meta["tokenizer"] is None
+    with torch.no_grad():
+        expected = hf(tokens).logits
+        torch.testing.assert_close(model(tokens), expected, atol=ATOL, rtol=0)
+        # transformers' in-memory layout (fused gate_up_proj experts) maps to the same weights
+        sd = hfi.from_hf_state_dict(hf.state_dict(), args, rope_interleave=rope_interleave)
+        assert_state_dicts_identical(sd, {k: v for k, v in model.state_dict().items()})
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# what the HF architecture cannot express
+
+
+@pytest.mark.parametrize("override, option", [
+    (dict(attn_type="mha"), "attn_type"),
+    (dict(sliding_window=8), "sliding_window"),
+    (dict(score_func="softmax"), "score_func"),
+    (dict(norm_eps=1e-5), "norm_eps"),
+    (dict(n_routed_experts=4, n_expert_groups=4, n_limited_groups=2), "n_expert_groups"),
+])
+def test_unsupported_options_raise_user_error_naming_them(override, option, tmp_path):
+    args = random_args(31, **override)
+    with pytest.raises(UserError, match=option):
+        hfi.to_hf_config(args)
+    with pytest.raises(UserError, match=option):
+        hfi.write_hf_folder(tmp_path / "hf", args, {})
+    assert not (tmp_path / "hf").exists()
+
+
+@pytest.mark.parametrize("override, needle", [
+    (dict(rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0}), "yarn"),
+    (dict(rope_scaling={"type": "yarn", "factor": 4.0}), "yarn"),
+    (dict(attention_bias=True), "attention_bias"),
+    (dict(scoring_func="softmax"), "scoring_func"),
+    (dict(norm_topk_prob=False), "norm_topk_prob"),
+    (dict(hidden_act="gelu"), "hidden_act"),
+    (dict(rms_norm_eps=1e-5), "rms_norm_eps"),
+    (dict(model_type="llama"), "model_type"),
+    (dict(quantization_config={"quant_method": "fp8"}), "quantization_config"),
+])
+def test_hf_configs_we_cannot_reproduce_raise_user_error(override, needle):
+    config = {**hfi.to_hf_config(random_args(32)), **override}
+    config.pop(hfi.TOOLKIT_KEY)
+    with pytest.raises(UserError, match=needle):
+        hfi.from_hf_config(config)
+
+
+def test_incomplete_hf_folder_raises_user_error(tmp_path):
+    args = random_args(33)
+    hf_sd = hfi.to_hf_state_dict(random_model(args, 33).state_dict(), args)
+    hf_sd.pop("model.layers.1.self_attn.kv_b_proj.weight")
+    with pytest.raises(UserError, match="kv_b_proj"):
+        hfi.from_hf_state_dict(hf_sd, args)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the command line, with the tokenizer
+
+
+@pytest.mark.slow
+def test_export_cli_writes_a_folder_transformers_loads_and_generates_from(tmp_path):
+    tok = make_tokenizer(tmp_path / "tokenizer")
+    args = random_args(41, vocab_size=tok.vocab_size, n_expert_groups=2)
+    save_tiny_checkpoint(tmp_path / "ckpt", args, tok, seed=41)
+    out = tmp_path / "hf_model"
+    result = run_script("hf_interop.py", "--save_file_name", str(tmp_path / "ckpt"), "--output_dir", str(out),
+                        "--tokenizer_path", str(tmp_path / "tokenizer"), timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
+            "tokenizer_config.json"} <= {p.name for p in out.iterdir()}
+
+    hf = load_hf(out)
+    hf_tok = AutoTokenizer.from_pretrained(out)
+    text = "The function returns hello"
+    assert hf_tok(text)["input_ids"] == [tok.bos_id] + tok.encode(text)  # documents start with bos
+    assert (hf_tok.bos_token_id, hf_tok.eos_token_id, hf_tok.pad_token_id) == (tok.bos_id, tok.eos_id, tok.pad_id)
+    assert hf.generation_config.eos_token_id == tok.eos_id
+
+    ids = hf_tok(text, return_tensors="pt")
+    out_ids = hf.generate(**ids, max_new_tokens=10, do_sample=False)
+    theirs = out_ids[0, ids["input_ids"].shape[1]:].tolist()
+    model, meta = checkpoint.load_model(out)  # import goes back through hf_interop
+    assert meta["tokenizer"]["fingerprint"] == tok.fingerprint
+    ours = generate(model, [[tok.bos_id] + tok.encode(text)], 10, temperature=0.0, eos_id=tok.eos_id)[0]
+    assert ours == theirs[:len(ours)] and (len(ours) == 10 or ours[-1] == tok.eos_id)
+    assert hf_tok.decode(theirs, skip_special_tokens=True) == tok.decode(theirs)
+
+    # a second export into the same folder is a one-line error, and so is a model HF cannot express
+    again = run_script("hf_interop.py", "--save_file_name", str(tmp_path / "ckpt"), "--output_dir", str(out),
+                       "--tokenizer_path", str(tmp_path / "tokenizer"), timeout=300)
+    assert again.returncode == 1 and "already exists" in again.stderr and len(again.stderr.splitlines()) == 1
+    save_tiny_checkpoint(tmp_path / "softmax", random_args(42, score_func="softmax"), None)
+    bad = run_script("hf_interop.py", "--save_file_name", str(tmp_path / "softmax"), "--output_dir",
+                     str(tmp_path / "x"), "--save_tokenizer=False", timeout=300)
+    assert bad.returncode == 1 and "score_func=softmax" in bad.stderr and len(bad.stderr.splitlines()) == 1
+    assert not (tmp_path / "x").exists()
