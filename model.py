@@ -378,8 +378,9 @@ class Transformer(nn.Module):
         if args.tie_embeddings:
             self.head.weight = self.embed.weight
         self.rope_dim = args.qk_rope_head_dim if args.attn_type == "mla" else (args.head_dim or args.dim // args.n_heads)
-        self.register_buffer("freqs_cis", torch.empty(args.max_seq_len, self.rope_dim // 2, dtype=torch.complex64),
-                             persistent=False)
+        # the RoPE table [positions, rope_dim/2] complex64: a plain attribute rather than a buffer so that
+        # model.to(dtype) never casts it; (re)built on first use on a device (see rope_table)
+        self.freqs_cis: torch.Tensor | None = None
         self.window_layers = [i for i in range(args.n_layers) if is_sliding_layer(args, i)]
         self.cache_batch_size = 0
         self.cache_len = 0
@@ -389,13 +390,24 @@ class Transformer(nn.Module):
     # -- initialisation -------------------------------------------------------------------------------------------
 
     def init_buffers(self, device=None) -> None:
-        """(Re)compute the non-persistent buffers: the RoPE table and the routed-token counters. Called by
-        init_weights, and automatically by forward when the model was materialised without it."""
+        """(Re)compute the non-persistent state: the RoPE table and the routed-token counters. Called by
+        init_weights, and automatically by forward when the model was materialised without it (e.g. built on the
+        meta device and then loaded with load_state_dict(assign=True))."""
         device = device or self.embed.weight.device
-        self.freqs_cis = precompute_freqs_cis(self.rope_dim, max(self.args.max_seq_len, self.freqs_cis.size(0)),
-                                              self.args.rope_theta, device)
+        self.freqs_cis = precompute_freqs_cis(self.rope_dim, self.args.max_seq_len, self.args.rope_theta, device)
         for moe in self.moe_layers():
-            moe.tokens_per_expert = torch.zeros_like(moe.tokens_per_expert, device=device)
+            moe.tokens_per_expert = torch.zeros(moe.n_routed_experts, dtype=torch.long, device=device)
+
+    def rope_table(self, length: int, device) -> torch.Tensor:
+        """The RoPE table on `device` covering at least `length` positions."""
+        f = self.freqs_cis
+        if f is None or f.is_meta or f.device != device or f.size(0) < length:
+            self.freqs_cis = precompute_freqs_cis(self.rope_dim, max(length, self.args.max_seq_len),
+                                                  self.args.rope_theta, device)
+            for moe in self.moe_layers():
+                if moe.tokens_per_expert.is_meta:
+                    moe.tokens_per_expert = torch.zeros(moe.n_routed_experts, dtype=torch.long, device=device)
+        return self.freqs_cis
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -423,13 +435,12 @@ class Transformer(nn.Module):
         number of left-padding slots of row b (only with start_pos)."""
         B, T = tokens.shape
         end = T if start_pos is None else start_pos + T
-        if self.freqs_cis.is_meta or self.freqs_cis.device != tokens.device or self.freqs_cis.size(0) < end:
-            self._grow_rope(end, tokens.device)
+        rope = self.rope_table(end, tokens.device)                             # [>= end, rope/2] complex
         full_mask, window_mask = None, None
         if start_pos is None:
             if pad is not None:
                 raise ValueError("pad is only supported together with start_pos (the cached path)")
-            freqs_cis = self.freqs_cis[:T]
+            freqs_cis = rope[:T]
             if self.window_layers:
                 window_mask = self._mask(0, T, None, self.args.sliding_window, tokens.device)
         else:
@@ -437,10 +448,10 @@ class Transformer(nn.Module):
                 raise ValueError(f"cache too small for batch {B} and {end} positions; call setup_cache first "
                                  f"(have batch {self.cache_batch_size}, length {self.cache_len})")
             if pad is None:
-                freqs_cis = self.freqs_cis[start_pos:end]                       # [T, rope/2]
+                freqs_cis = rope[start_pos:end]                       # [T, rope/2]
             else:
                 pos = (torch.arange(start_pos, end, device=tokens.device) - pad.view(B, 1)).clamp_(min=0)
-                freqs_cis = self.freqs_cis[pos]                                 # [B, T, rope/2]
+                freqs_cis = rope[pos]                                 # [B, T, rope/2]
             if pad is not None or (start_pos > 0 and T > 1):
                 full_mask = self._mask(start_pos, T, pad, 0, tokens.device)
             if self.window_layers:
@@ -460,13 +471,6 @@ class Transformer(nn.Module):
             if moe.aux_loss is not None:
                 loss = loss + moe.aux_loss
         return loss
-
-    def _grow_rope(self, length: int, device) -> None:
-        length = max(length, self.args.max_seq_len)
-        self.freqs_cis = precompute_freqs_cis(self.rope_dim, length, self.args.rope_theta, device)
-        for moe in self.moe_layers():
-            if moe.tokens_per_expert.is_meta:
-                moe.tokens_per_expert = torch.zeros(moe.n_routed_experts, dtype=torch.long, device=device)
 
     @staticmethod
     def _mask(start_pos: int, T: int, pad: torch.Tensor | None, window: int, device) -> torch.Tensor | None:
@@ -493,8 +497,7 @@ class Transformer(nn.Module):
         for layer in self.layers:
             layer.attn.setup_cache(batch_size, max_seq_len, device, dtype)
         self.cache_batch_size, self.cache_len = batch_size, max_seq_len
-        if self.freqs_cis.is_meta or self.freqs_cis.size(0) < max_seq_len:
-            self._grow_rope(max_seq_len, device)
+        self.rope_table(max_seq_len, torch.device(device))
 
     def cache_bytes(self) -> int:
         total = 0
