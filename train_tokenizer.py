@@ -12,11 +12,12 @@ options give a byte-identical file). Text is split by the GPT-4 regex, then mapp
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import sys
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import tokenizers
 from tokenizers import Regex, decoders, pre_tokenizers
@@ -86,32 +87,37 @@ def atomic_write(path: Path, text: str) -> None:
             from None
 
 
+def train_on_documents(documents: Iterable[str], vocab_size: int, min_frequency: int = 2,
+                       max_chars: int | None = None, show_progress: bool = False) -> tuple[tokenizers.Tokenizer, int]:
+    """Learn the BPE merges from documents (at most max_chars characters) with the Rust trainer; returns
+    (tokenizer, characters read). Separate from the CLI so the benchmark trains exactly what the script does."""
+    if vocab_size < MIN_VOCAB_SIZE:
+        raise UserError(f"--vocab_size {vocab_size} is too small: it must hold the 256 byte tokens and "
+                        f"{len(TRAINED_SPECIAL_TOKENS)} special tokens, so at least {MIN_VOCAB_SIZE}")
+    tok = build_untrained_tokenizer()
+    trainer = BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
+                         special_tokens=list(TRAINED_SPECIAL_TOKENS),
+                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    with tqdm(total=max_chars, unit="char", unit_scale=True, desc="reading text", disable=not show_progress,
+              file=sys.stderr) as bar:
+        limit = max_chars if max_chars is not None else sys.maxsize
+        tok.train_from_iterator(limited_documents(iter(documents), limit, bar), trainer=trainer)
+        chars = bar.n
+    return tok, chars
+
+
 def train(cfg: TrainTokenizerConfig, show_progress: bool = True) -> tuple[tokenizers.Tokenizer, int]:
     """Train on up to cfg.tokenizer_train_shard_size characters of cfg's dataset; returns (tokenizer, chars)."""
-    if cfg.vocab_size < MIN_VOCAB_SIZE:
-        raise UserError(f"--vocab_size {cfg.vocab_size} is too small: it must hold the 256 byte tokens and "
-                        f"{len(TRAINED_SPECIAL_TOKENS)} special tokens, so at least {MIN_VOCAB_SIZE}")
+    if cfg.vocab_size < MIN_VOCAB_SIZE:  # checked before reading any data
+        train_on_documents([], cfg.vocab_size)
     if cfg.tokenizer_train_shard_size <= 0:
         raise UserError(f"--tokenizer_train_shard_size must be positive, got {cfg.tokenizer_train_shard_size}")
     documents = corpus.iter_documents(cfg)
     first = next(documents, None)  # read one document now: an empty dataset is an error, not an empty vocab
     if first is None:
         raise UserError(f"the dataset '{cfg.dataset_path_huggingface}' has no text to train on")
-
-    def all_documents() -> Iterator[str]:
-        yield first
-        yield from documents
-
-    tok = build_untrained_tokenizer()
-    trainer = BpeTrainer(vocab_size=cfg.vocab_size, min_frequency=cfg.min_frequency,
-                         special_tokens=list(TRAINED_SPECIAL_TOKENS),
-                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    with tqdm(total=cfg.tokenizer_train_shard_size, unit="char", unit_scale=True, desc="reading text",
-              disable=not show_progress, file=sys.stderr) as bar:
-        tok.train_from_iterator(limited_documents(all_documents(), cfg.tokenizer_train_shard_size, bar),
-                                trainer=trainer)
-        chars = bar.n
-    return tok, chars
+    return train_on_documents(itertools.chain([first], documents), cfg.vocab_size, cfg.min_frequency,
+                              cfg.tokenizer_train_shard_size, show_progress)
 
 
 def metadata(tok: tokenizers.Tokenizer, cfg: TrainTokenizerConfig, chars: int) -> dict[str, Any]:
