@@ -26,10 +26,12 @@ import zlib
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 from config import TokenizerOptions, UserError, opt, parse_config, run_main
 
@@ -249,6 +251,8 @@ class ShardedLoader:
         if self.vocab_size is not None and (rows.max() >= self.vocab_size):
             raise UserError(f"a shard in '{self.data_dir}' holds token id {int(rows.max())} >= vocab_size "
                             f"{self.vocab_size} (corrupted data); {_rerun_hint(self.data_dir)}")
+        import torch  # here, so that reading metadata and checking shards (the CLI) does not pay for importing torch
+
         x = torch.from_numpy(np.ascontiguousarray(rows[:, :-1]))
         y = torch.from_numpy(np.ascontiguousarray(rows[:, 1:]))
         return x, y

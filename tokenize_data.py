@@ -46,6 +46,7 @@ CHUNK_CHARS = 1 << 19          # characters of text per encode_batch call (~100k
 CHUNK_DOCUMENTS = 8192         # ... or this many documents, whichever comes first
 IN_FLIGHT = 2                  # chunks being encoded ahead of the writer
 SMALL_DATASET_VAL_FRACTION = 0.1
+SELF_CHECK_DOCUMENTS, SELF_CHECK_CHARS = 200, 1 << 16  # text encoded by both engines before tiktoken is used
 
 Encoder = Callable[[Sequence[str]], "tuple[np.ndarray, np.ndarray]"]
 
@@ -76,6 +77,96 @@ def tokenizers_encoder(tokenizer) -> Encoder:
         flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.uint32, count=int(lengths.sum()))
         return flat, lengths
     return encode
+
+
+def tiktoken_encoding(tokenizer) -> tuple[Any, int]:
+    """A tiktoken Encoding with the same byte-level BPE as `tokenizer`, and the id offset of its ranks.
+
+    Applies to tokenizers laid out like Mistral's tekken (tokenizer.tekken_to_hf): no normalizer, a Split(regex)
+    + ByteLevel pre-tokenizer, a BPE model with ignore_merges whose byte tokens have ids num_special + rank, and
+    the special tokens at ids [0, num_special). tiktoken applies the same regex and then merges by rank, which is
+    what mistral_common does with the same file. Raises ValueError when the tokenizer is not of this form."""
+    import tiktoken
+    from tokenizer import bytes_to_unicode
+
+    backend = tokenizer.backend
+    if backend.normalizer is not None:
+        raise ValueError("the tokenizer has a normalizer")
+    pre = json.loads(backend.pre_tokenizer.__getstate__()) if backend.pre_tokenizer is not None else {}
+    steps = pre.get("pretokenizers", [])
+    if (pre.get("type") != "Sequence" or len(steps) != 2 or steps[0].get("type") != "Split"
+            or "Regex" not in steps[0].get("pattern", {}) or steps[0].get("behavior") != "Isolated"
+            or steps[0].get("invert") or steps[1].get("type") != "ByteLevel" or steps[1].get("add_prefix_space")
+            or steps[1].get("use_regex")):
+        raise ValueError("the pre-tokenizer is not Split(regex) + ByteLevel")
+    if not getattr(backend.model, "ignore_merges", False):
+        raise ValueError("the BPE model does not ignore merges for whole-vocabulary pre-tokens")
+    specials = sorted(i for i, t in backend.get_added_tokens_decoder().items() if t.special)
+    num_special = len(specials)
+    if specials != list(range(num_special)):
+        raise ValueError("the special tokens are not ids [0, num_special)")
+    byte_of = {c: b for b, c in bytes_to_unicode().items()}
+    ranks: dict[bytes, int] = {}
+    for token, token_id in backend.get_vocab(with_added_tokens=False).items():
+        if token_id >= num_special:
+            try:
+                ranks[bytes(byte_of[c] for c in token)] = token_id - num_special
+            except KeyError:
+                raise ValueError(f"token {token_id} is not a byte-level token") from None
+    if sorted(ranks.values()) != list(range(len(ranks))) or len(ranks) + num_special != tokenizer.vocab_size:
+        raise ValueError("the byte tokens' ids are not contiguous after the special tokens")
+    encoding = tiktoken.Encoding(name=f"{tokenizer.kind}-{tokenizer.fingerprint}", pat_str=steps[0]["pattern"]["Regex"],
+                                 mergeable_ranks=ranks, special_tokens={})
+    return encoding, num_special
+
+
+def tiktoken_encoder(tokenizer, workers: int) -> Encoder:
+    """Like tokenizers_encoder, with tiktoken (see tiktoken_encoding) on `workers` threads: each thread encodes a
+    contiguous slice of the chunk straight into numpy (tiktoken releases the GIL), results are kept in order."""
+    encoding, offset = tiktoken_encoding(tokenizer)
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tiktoken")
+
+    def encode_slice(texts: Sequence[str]) -> list[np.ndarray]:
+        return [encoding.encode_to_numpy(t, disallowed_special=()) for t in texts]
+
+    def encode(texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        step = max(1, -(-len(texts) // (workers * 4)))
+        arrays = [a for part in pool.map(encode_slice, [texts[i:i + step] for i in range(0, len(texts), step)])
+                  for a in part]
+        lengths = np.fromiter(map(len, arrays), dtype=np.int64, count=len(arrays))
+        flat = np.concatenate(arrays) if arrays else np.zeros(0, np.uint32)
+        flat = flat.astype(np.uint32, copy=False)
+        flat += np.uint32(offset)
+        return flat, lengths
+
+    encode.engine = "tiktoken"  # type: ignore[attr-defined]
+    return encode
+
+
+def make_encoder(tokenizer, engine: str = "auto", workers: int = 1, sample: Sequence[str] = ()) -> Encoder:
+    """The encoder for `engine`; auto picks tiktoken for Mistral's tokenizer when it applies and agrees with the
+    tokenizer on `sample` (else the tokenizer's own encode_batch)."""
+    reference = tokenizers_encoder(tokenizer)
+    reference.engine = "tokenizers"  # type: ignore[attr-defined]
+    if engine == "tokenizers" or (engine == "auto" and tokenizer.kind != "mistral"):
+        return reference
+    try:
+        fast = tiktoken_encoder(tokenizer, workers)
+    except (ImportError, ValueError) as error:
+        if engine == "tiktoken":
+            raise UserError(f"--encoder tiktoken does not apply to this tokenizer ({error}); use --encoder "
+                            f"tokenizers") from None
+        return reference
+    if sample:
+        got, expected = fast(list(sample)), reference(list(sample))
+        if not (np.array_equal(got[0], expected[0]) and np.array_equal(got[1], expected[1])):
+            if engine == "tiktoken":
+                raise UserError("tiktoken's ids differ from the tokenizer's on the first documents; use "
+                                "--encoder tokenizers")
+            print("warning: tiktoken's ids differ from the tokenizer's on the first documents; using the "
+                  "tokenizer's own encode_batch", file=sys.stderr)
+            return reference
+    return fast
 
 
 def frame(flat: np.ndarray, lengths: np.ndarray, prefix: Sequence[int], suffix: Sequence[int],
@@ -388,13 +479,20 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if first is None:
         raise UserError(f"the dataset ({source}) has no documents (no non-empty text); check the path, "
                         f"--dataset_split and --text_column")
+    sample: list[str] = []
+    for text in documents:  # the first documents (up to ~64k characters) check the tiktoken engine
+        sample.append(text)
+        if len(sample) >= SELF_CHECK_DOCUMENTS or sum(map(len, sample)) >= SELF_CHECK_CHARS:
+            break
+    documents = itertools.chain(sample, documents)
+    encode = make_encoder(tokenizer, cfg.encoder, workers, sample)
     clear_output(out_dir)
     print(f"tokenizing {source} with the {tokenizer.kind} tokenizer (vocab {tokenizer.vocab_size}, "
-          f"{tokenizer.fingerprint}) on {workers} worker(s) into {out_dir}", flush=True)
+          f"{tokenizer.fingerprint}, {encode.engine} engine) on {workers} thread(s) into {out_dir}", flush=True)
     meta = tokenize_documents(
         documents, tokenizer, out_dir, cfg.encoded_dataset_shard_size, val_tokens=cfg.val_tokens,
-        max_tokens=cfg.max_tokens, max_documents=cfg.max_documents, source=source,
-        extra={"dataset": {"path": cfg.dataset_path_huggingface, "sub_set": cfg.dataset_sub_set,
+        max_tokens=cfg.max_tokens, max_documents=cfg.max_documents, source=source, encode=encode,
+        extra={"encoder": encode.engine, "dataset": {"path": cfg.dataset_path_huggingface, "sub_set": cfg.dataset_sub_set,
                            "split": cfg.dataset_split, "text_column": cfg.text_column}})
     for note in meta["notes"]:
         print(f"note: {note}")

