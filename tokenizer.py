@@ -58,14 +58,16 @@ class Tokenizer:
     """A `tokenizers.Tokenizer` plus the ids and identity the training/generation pipeline needs."""
 
     def __init__(self, backend: tokenizers.Tokenizer, kind: str, bos_id: int, eos_id: int, pad_id: int,
-                 source: str = "") -> None:
+                 source: str = "", fingerprint: str | None = None) -> None:
+        """fingerprint: pass it when already known (loaders compute it from the parsed file, which is cheaper
+        than re-serialising a 131k vocabulary); otherwise it is computed from the backend."""
         self.backend = backend
         # Documents are text: never turn "<|eos|>" written inside a document into the control token.
         self.backend.encode_special_tokens = True
         self.kind = kind
         self.bos_id, self.eos_id, self.pad_id = bos_id, eos_id, pad_id
         self.vocab_size = backend.get_vocab_size(with_added_tokens=True)
-        self.fingerprint = compute_fingerprint(backend)
+        self.fingerprint = fingerprint or compute_fingerprint(backend)
         self.source = source
 
     def encode(self, text: str) -> list[int]:
@@ -110,24 +112,26 @@ class Tokenizer:
 # Fingerprint
 
 
-def _model_vocab_and_merges(backend: tokenizers.Tokenizer) -> tuple[list[list[Any]], list[list[str]]]:
-    """The vocabulary (token, id) sorted by id, added tokens included, and the merges as [left, right] pairs."""
-    model = json.loads(backend.model.__getstate__())  # the model section only: cheaper than the whole to_str()
-    vocab: dict[str, int] = dict(model.get("vocab") or {})
-    for token, token_id in backend.get_added_tokens_decoder().items():
-        vocab.setdefault(token_id.content, token)
-    merges = [m.split(" ", 1) if isinstance(m, str) else list(m) for m in model.get("merges") or []]
-    return sorted(([t, i] for t, i in vocab.items()), key=lambda x: (x[1], x[0])), merges
+def fingerprint_of(vocab: dict[str, int], merges: Sequence[Any], added_tokens: dict[str, int] | None = None) -> str:
+    """First 16 hex chars of sha256 over the vocabulary (token, id) sorted by id, added tokens included, and the
+    merges as [left, right] pairs in order. Identical vocab and merges give an identical fingerprint whichever file
+    format they come from (tekken.json and the equivalent tokenizer.json agree); settings outside the vocabulary
+    and merges (regex, decoder) are not part of it."""
+    tokens = dict(vocab)
+    for content, token_id in (added_tokens or {}).items():
+        tokens.setdefault(content, token_id)
+    pairs = [m.split(" ", 1) if isinstance(m, str) else list(m) for m in merges]
+    canonical = {"vocab": sorted(([t, i] for t, i in tokens.items()), key=lambda x: (x[1], x[0])),
+                 "merges": pairs}
+    return hashlib.sha256(json.dumps(canonical, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+                          ).hexdigest()[:16]
 
 
 def compute_fingerprint(backend: tokenizers.Tokenizer) -> str:
-    """First 16 hex chars of sha256(vocab + merges): identical vocab and merges give an identical fingerprint,
-    whichever file format they were read from (tekken.json and the equivalent tokenizer.json agree)."""
-    vocab, merges = _model_vocab_and_merges(backend)
-    digest = hashlib.sha256()
-    digest.update(json.dumps({"vocab": vocab, "merges": merges}, ensure_ascii=False,
-                             separators=(",", ":")).encode("utf-8"))
-    return digest.hexdigest()[:16]
+    """The fingerprint (see fingerprint_of) of a tokenizers.Tokenizer with a BPE (or other vocab-based) model."""
+    model = json.loads(backend.model.__getstate__())  # the model section only: cheaper than the whole to_str()
+    added = {token.content: token_id for token_id, token in backend.get_added_tokens_decoder().items()}
+    return fingerprint_of(model.get("vocab") or {}, model.get("merges") or [], added)
 
 
 def check_fingerprint(tokenizer: Tokenizer, expected: str | None, what: str) -> None:
@@ -160,23 +164,34 @@ def _resolve(path: str | Path) -> Path:
     return path
 
 
-def _read_json(path: Path, what: str) -> Any:
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
+
+
+def _read_json(path: Path, what: str) -> tuple[str, Any]:
+    """(text, parsed JSON) of a file; unreadable or non-JSON files are a one-line UserError."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+        return text, json.loads(text)
     except (OSError, UnicodeDecodeError, ValueError) as error:
-        reason = str(error).strip().splitlines()[0][:160] if str(error).strip() else type(error).__name__
-        raise UserError(f"cannot read {what} '{path}' ({type(error).__name__}: {reason}); "
+        raise UserError(f"cannot read {what} '{path}' ({type(error).__name__}: {_first_line(error)}); "
                         f"it must be a readable JSON file") from None
 
 
-def _backend_from_json(data: Any, path: Path, what: str) -> tokenizers.Tokenizer:
+def _backend_from_json(text: str, data: Any, path: Path, what: str) -> tuple[tokenizers.Tokenizer, str]:
+    """(backend, fingerprint) of a HF tokenizer.json given as its text and parsed form."""
     if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
         raise UserError(f"'{path}' is not a Hugging Face tokenizer.json (no 'model' section); expected {what}")
     try:
-        return tokenizers.Tokenizer.from_str(json.dumps(data))
+        backend = tokenizers.Tokenizer.from_str(text)
     except Exception as error:  # the Rust side raises a plain Exception with a serde message
-        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
-        raise UserError(f"'{path}' is not a valid tokenizer.json ({reason}); expected {what}") from None
+        raise UserError(f"'{path}' is not a valid tokenizer.json ({_first_line(error)}); expected {what}") from None
+    try:
+        added = {t["content"]: int(t["id"]) for t in data.get("added_tokens") or []}
+        fingerprint = fingerprint_of(data["model"].get("vocab") or {}, data["model"].get("merges") or [], added)
+    except (KeyError, TypeError, ValueError, AttributeError):
+        fingerprint = compute_fingerprint(backend)
+    return backend, fingerprint
 
 
 def load_trained_tokenizer(path: str | Path) -> Tokenizer:
@@ -187,7 +202,7 @@ def load_trained_tokenizer(path: str | Path) -> Tokenizer:
         raise UserError(f"no trained tokenizer at '{path}' (looked for {file}); run `python train_tokenizer.py "
                         f"--output_path {path}` first, pass --tokenizer_path, or use --load_mistral_tokenizer=True")
     what = "a tokenizer trained by train_tokenizer.py"
-    backend = _backend_from_json(_read_json(file, "tokenizer file"), file, what)
+    backend, fingerprint = _backend_from_json(*_read_json(file, "tokenizer file"), file, what)
     ids = {name: backend.token_to_id(name) for name in (PAD_TOKEN, BOS_TOKEN, EOS_TOKEN)}
     if None in ids.values():
         missing = ", ".join(name for name, i in ids.items() if i is None)
@@ -197,10 +212,10 @@ def load_trained_tokenizer(path: str | Path) -> Tokenizer:
     meta_file = file.parent / METADATA_FILE
     kind = "trained"
     if meta_file.is_file():
-        meta = _read_json(meta_file, "tokenizer metadata")
+        _, meta = _read_json(meta_file, "tokenizer metadata")
         kind = meta.get("kind", kind) if isinstance(meta, dict) else kind
     return Tokenizer(backend, kind=kind, bos_id=ids[BOS_TOKEN], eos_id=ids[EOS_TOKEN], pad_id=ids[PAD_TOKEN],
-                     source=str(file))
+                     source=str(file), fingerprint=fingerprint)
 
 
 def _missing_mistral_message(path: str | Path) -> str:
@@ -219,12 +234,13 @@ def load_mistral_tokenizer(path: str | Path) -> Tokenizer:
         file = next((c for c in candidates if c.is_file()), candidates[0])
     if not file.is_file():
         raise UserError(_missing_mistral_message(path))
-    data = _read_json(file, "Mistral tokenizer file")
+    text, data = _read_json(file, "Mistral tokenizer file")
     what = "Mistral-Nemo's tokenizer.json or tekken.json"
     if isinstance(data, dict) and isinstance(data.get("vocab"), list) and isinstance(data.get("config"), dict):
-        backend = tekken_to_hf(data, file)
+        backend, fingerprint = tekken_to_hf(data, file)
     else:
-        backend = _backend_from_json(data, file, what)
+        backend, fingerprint = _backend_from_json(text, data, file, what)
+    del text, data
     ids = {name: backend.token_to_id(name) for name in (MISTRAL_UNK, MISTRAL_BOS, MISTRAL_EOS)}
     if None in ids.values():
         missing = ", ".join(name for name, i in ids.items() if i is None)
@@ -235,7 +251,7 @@ def load_mistral_tokenizer(path: str | Path) -> Tokenizer:
     if pad_id is None:
         pad_id = ids[MISTRAL_UNK]
     return Tokenizer(backend, kind="mistral", bos_id=ids[MISTRAL_BOS], eos_id=ids[MISTRAL_EOS], pad_id=pad_id,
-                     source=str(file))
+                     source=str(file), fingerprint=fingerprint)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -275,14 +291,14 @@ def tekken_merges(ranks: dict[bytes, int]) -> list[tuple[bytes, bytes]]:
     return [(m[3], m[4]) for m in merges]
 
 
-def tekken_to_hf(data: dict[str, Any], path: Path | str = "tekken.json") -> tokenizers.Tokenizer:
+def tekken_to_hf(data: dict[str, Any], path: Path | str = "tekken.json") -> tuple[tokenizers.Tokenizer, str]:
     """Convert a parsed tekken.json into the HF tokenizer Mistral publishes as tokenizer.json.
 
     Layout (as mistral_common's Tekkenizer): ids [0, num_special) are the control tokens (the file's
     `special_tokens`, or the default list for old files, padded with "<SPECIAL_{i}>"); ids from num_special on are
     the first `default_vocab_size - num_special` byte tokens of `vocab`, in rank order. The model is a byte-level
     BPE with ignore_merges (a pre-token that is itself in the vocabulary maps to that token, as in tiktoken), the
-    tekken split regex followed by ByteLevel, and the ByteLevel decoder."""
+    tekken split regex followed by ByteLevel, and the ByteLevel decoder. Returns (tokenizer, fingerprint)."""
     def bad(reason: str) -> UserError:
         return UserError(f"'{path}' is not a valid tekken.json ({reason})")
 
@@ -326,7 +342,7 @@ def tekken_to_hf(data: dict[str, Any], path: Path | str = "tekken.json") -> toke
         raise bad(f"{type(error).__name__}: {str(error)[:160]}") from None
     backend.decoder = decoders.ByteLevel()
     backend.add_special_tokens([AddedToken(token, special=True, normalized=False) for token in specials])
-    return backend
+    return backend, fingerprint_of(vocab, merges)
 
 
 # ----------------------------------------------------------------------------------------------------------------

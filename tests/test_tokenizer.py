@@ -8,6 +8,8 @@ converter whose output these tests check against mistral_common rather than trus
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,7 +19,7 @@ from hypothesis import strategies as st
 import config
 import tokenizer as tk
 from corpus import builtin_corpus_documents
-from tests.conftest import run_script
+from tests.conftest import ROOT, run_script
 
 VARIED_TEXTS = [
     "Hello world! The quick brown fox jumps over the lazy dog.",
@@ -93,38 +95,53 @@ def mistral_from_json(mistral_hf_dir) -> tk.Tokenizer:
 
 
 @pytest.fixture(scope="module")
-def mistral_from_tekken(tekken_path) -> tk.Tokenizer:
+def mistral_from_tekken(tekken_path, tmp_path_factory) -> tk.Tokenizer:
+    """Mistral's native tekken.json, given as the folder that holds it."""
+    folder = tmp_path_factory.mktemp("mistral_tekken")
+    (folder / "tekken.json").write_bytes(tekken_path.read_bytes())
     return tk.load_tokenizer(config.TokenizerOptions(load_mistral_tokenizer=True,
-                                                     mistral_tokenizer_path=str(tekken_path)))
+                                                     mistral_tokenizer_path=str(folder)))
 
 
-def assert_matches_reference(ours: tk.Tokenizer, reference, texts: list[str]) -> None:
-    for text in texts:
-        expected = reference.encode(text, bos=False, eos=False)
+@pytest.fixture(scope="module")
+def reference_ids(reference) -> list[list[int]]:
+    """mistral_common's ids for corpus_sample(), computed once for both loading paths."""
+    return [reference.encode(text, bos=False, eos=False) for text in corpus_sample()]
+
+
+def assert_matches_reference(ours: tk.Tokenizer, reference, reference_ids: list[list[int]]) -> None:
+    texts = corpus_sample()
+    assert ours.encode_batch(texts) == reference_ids
+    for text, expected in zip(texts, reference_ids):
         assert ours.encode(text) == expected, text[:80]
-        assert ours.decode(expected) == text, text[:80]
-        assert reference.decode(expected) == ours.decode(expected)
-    assert ours.encode_batch(texts) == [reference.encode(t, bos=False, eos=False) for t in texts]
+        decoded = ours.decode(expected)
+        assert decoded == text, text[:80]
+        assert decoded == reference.decode(expected)
 
 
-def test_mistral_tokenizer_json_matches_mistral_common(mistral_from_json, reference):
+def test_mistral_tokenizer_json_matches_mistral_common(mistral_from_json, reference, reference_ids):
     tok = mistral_from_json
     assert (tok.kind, tok.vocab_size) == ("mistral", 131072) == ("mistral", reference.n_words)
     assert (tok.token_to_id("<unk>"), tok.bos_id, tok.eos_id) == (0, 1, 2)
     assert (tok.bos_id, tok.eos_id) == (reference.bos_id, reference.eos_id)
     assert tok.pad_id == tok.token_to_id("<pad>") == reference.get_special_token("<pad>")
-    assert_matches_reference(tok, reference, corpus_sample())
+    assert_matches_reference(tok, reference, reference_ids)
     text = "Hello <s> world"
     assert tok.encode_document(text) == [1, *reference.encode(text, bos=False, eos=False), 2]
 
 
-def test_mistral_tekken_json_matches_mistral_common(mistral_from_tekken, mistral_from_json, reference):
+def test_mistral_tekken_json_matches_mistral_common(mistral_from_tekken, mistral_from_json, reference,
+                                                    reference_ids):
     tok = mistral_from_tekken
     assert (tok.kind, tok.vocab_size, tok.bos_id, tok.eos_id, tok.pad_id) == ("mistral", 131072, 1, 2, 11)
-    assert_matches_reference(tok, reference, corpus_sample())
+    assert tok.source.endswith("tekken.json")
+    assert_matches_reference(tok, reference, reference_ids)
     # the in-memory conversion is the same tokenizer as the HF file: same vocab, merges and fingerprint
     assert tok.fingerprint == mistral_from_json.fingerprint
     assert tok.backend.get_vocab() == mistral_from_json.backend.get_vocab()
+    # the loaders' fingerprint (from the parsed file) is the one recomputed from the loaded backend
+    assert tk.compute_fingerprint(tok.backend) == tok.fingerprint
+    assert tk.compute_fingerprint(mistral_from_json.backend) == mistral_from_json.fingerprint
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -135,10 +152,11 @@ def test_mistral_random_unicode_matches_mistral_common(mistral_from_tekken, refe
     assert mistral_from_tekken.decode(ids) == text
 
 
-def test_mistral_folder_prefers_tokenizer_json_and_accepts_tekken(tekken_path, tmp_path, mistral_from_json):
-    (tmp_path / "tekken.json").write_bytes(tekken_path.read_bytes())
+def test_mistral_folder_prefers_tokenizer_json(tmp_path, mistral_hf_dir, mistral_from_json):
+    (tmp_path / "tokenizer.json").write_bytes((mistral_hf_dir / "tokenizer.json").read_bytes())
+    (tmp_path / "tekken.json").write_text("not read")
     from_folder = tk.load_mistral_tokenizer(tmp_path)
-    assert from_folder.source.endswith("tekken.json")
+    assert from_folder.source.endswith("tokenizer.json")
     assert from_folder.fingerprint == mistral_from_json.fingerprint
 
 
@@ -146,18 +164,19 @@ def test_mistral_folder_prefers_tokenizer_json_and_accepts_tekken(tekken_path, t
 # Trained tokenizer
 
 
-TRAIN_ARGS = ("--vocab_size", "1000", "--tokenizer_train_shard_size", "400000")
+TRAIN_ARGS = ("--vocab_size", "1000", "--tokenizer_train_shard_size", "300000")
 
 
 @pytest.fixture(scope="module")
 def trained_dirs(tmp_path_factory) -> tuple[Path, Path]:
-    """The same training run twice, in two separate processes."""
-    folders = []
-    for name in ("a", "b"):
-        folder = tmp_path_factory.mktemp(f"trained_{name}")
-        result = run_script("train_tokenizer.py", *TRAIN_ARGS, "--output_path", str(folder), timeout=120)
-        assert result.returncode == 0, result.stderr
-        folders.append(folder)
+    """The same training run twice, in two separate processes (run side by side)."""
+    folders = [tmp_path_factory.mktemp(f"trained_{name}") for name in ("a", "b")]
+    processes = [subprocess.Popen([sys.executable, str(ROOT / "train_tokenizer.py"), *TRAIN_ARGS,
+                                   "--output_path", str(folder)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True) for folder in folders]
+    for process in processes:
+        _, stderr = process.communicate(timeout=180)
+        assert process.returncode == 0, stderr
     return folders[0], folders[1]
 
 
@@ -180,7 +199,7 @@ def test_trained_layout_and_metadata(trained, trained_dirs):
         assert trained.token_to_id(token) == i
     meta = json.loads((trained_dirs[0] / tk.METADATA_FILE).read_text())
     assert meta["kind"] == "trained" and meta["vocab_size"] == 1000
-    assert meta["fingerprint"] == trained.fingerprint
+    assert meta["fingerprint"] == trained.fingerprint == tk.compute_fingerprint(trained.backend)
     assert (meta["pad_id"], meta["bos_id"], meta["eos_id"]) == (0, 1, 2)
     # every byte is in the vocabulary: nothing is ever unknown
     backend = json.loads((trained_dirs[0] / tk.TOKENIZER_FILE).read_text())
