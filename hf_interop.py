@@ -468,8 +468,11 @@ def save_hf_tokenizer(tokenizer: Any, folder: Path, max_seq_len: int) -> None:
         "model_max_length": max_seq_len,
         "clean_up_tokenization_spaces": False,
         "padding_side": "left",
-        "toolkit_tokenizer_kind": getattr(tokenizer, "kind", None),
-        "toolkit_tokenizer_fingerprint": getattr(tokenizer, "fingerprint", None),
+        # who we are, so that importing the folder need not re-parse a large tokenizer.json to identify it
+        # (trusted only while tokenizer.json is byte-identical to what was written)
+        "toolkit_tokenizer": {"kind": tokenizer.kind, "fingerprint": tokenizer.fingerprint,
+                              "vocab_size": tokenizer.vocab_size,
+                              "file_sha256": _file_sha256(folder / "tokenizer.json")},
     }
     (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
     (folder / "special_tokens_map.json").write_text(
@@ -650,6 +653,16 @@ def load_folder_tokenizer(folder: Path | str):
         return tokenizer_mod.load_mistral_tokenizer(file)
 
 
+def _file_sha256(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def folder_tokenizer_meta(folder: Path | str) -> dict[str, Any] | None:
     """{kind, fingerprint, vocab_size} of a HF folder's tokenizer.json (like a checkpoint's meta), or None."""
     import tokenizer as tokenizer_mod
@@ -657,6 +670,12 @@ def folder_tokenizer_meta(folder: Path | str) -> dict[str, Any] | None:
     file = Path(folder) / "tokenizer.json"
     if not file.is_file():
         return None
+    try:  # written by our export and unchanged since: no need to parse it
+        recorded = json.loads((Path(folder) / "tokenizer_config.json").read_text())["toolkit_tokenizer"]
+        if recorded["file_sha256"] == _file_sha256(file):
+            return {k: recorded[k] for k in ("kind", "fingerprint", "vocab_size")}
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
     try:
         return load_folder_tokenizer(folder).describe()
     except UserError:  # some other tokenizer: still identify it
@@ -693,9 +712,13 @@ def load_hf_model(folder: Path | str, device: str | torch.device = "cpu",
                             f"{tuple(expected[name].shape)}; the weights do not match config.json")
     if args.tie_embeddings:
         state_dict["head.weight"] = state_dict["embed.weight"]
-    for name, tensor in expected.items():
-        if tensor.is_floating_point() and name.endswith("gate.bias"):
-            state_dict[name] = state_dict[name].to(torch.float32)  # our balancing bias is always fp32
+    # one dtype for the weights (transformers keeps the router in fp32 inside bf16 models; our Gate multiplies it
+    # with activations of the model's dtype); the balancing bias stays fp32 as in our model
+    weight_dtype = dtype or state_dict["embed.weight"].dtype
+    for name, tensor in list(state_dict.items()):
+        target = torch.float32 if name.endswith("gate.bias") else weight_dtype
+        if tensor.is_floating_point() and tensor.dtype != target:
+            state_dict[name] = tensor.to(target)
     missing = sorted(set(expected) - set(state_dict))
     if missing:
         raise UserError(f"'{folder}': no weights for {', '.join(missing[:5])}")
@@ -738,7 +761,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     out = export_hf(step_dir, cfg.output_dir, tok, max_shard_size=cfg.max_shard_size, overwrite=cfg.overwrite,
                     dtype=_DTYPES[cfg.dtype])
     files = sorted(p.name for p in out.iterdir())
-    print(f"exported {step_dir} -> {out} ({', '.join(files)})")
+    shards = [f for f in files if f.endswith(".safetensors")]
+    size = sum((out / f).stat().st_size for f in shards)
+    others = [f for f in files if f not in shards]
+    print(f"exported {step_dir} -> {out}: {len(shards)} safetensors file(s), {size / 1e6:.1f} MB; "
+          f"{', '.join(others)}")
     print(f"load it with transformers: AutoModelForCausalLM.from_pretrained('{out}'), "
           f"AutoTokenizer.from_pretrained('{out}')")
 

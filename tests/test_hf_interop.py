@@ -349,7 +349,8 @@ def test_export_cli_writes_a_folder_transformers_loads_and_generates_from(tmp_pa
     out_ids = hf.generate(**ids, max_new_tokens=10, do_sample=False)
     theirs = out_ids[0, ids["input_ids"].shape[1]:].tolist()
     model, meta = checkpoint.load_model(out)  # import goes back through hf_interop
-    assert meta["tokenizer"]["fingerprint"] == tok.fingerprint
+    assert meta["tokenizer"] == tok.describe()
+    assert hfi.load_folder_tokenizer(out).describe() == tok.describe()  # parsed again: the same identity
     ours = generate(model, [[tok.bos_id] + tok.encode(text)], 10, temperature=0.0, eos_id=tok.eos_id)[0]
     assert ours == theirs[:len(ours)] and (len(ours) == 10 or ours[-1] == tok.eos_id)
     assert hf_tok.decode(theirs, skip_special_tokens=True) == tok.decode(theirs)
@@ -363,3 +364,25 @@ def test_export_cli_writes_a_folder_transformers_loads_and_generates_from(tmp_pa
                      str(tmp_path / "x"), "--save_tokenizer=False", timeout=300)
     assert bad.returncode == 1 and "score_func=softmax" in bad.stderr and len(bad.stderr.splitlines()) == 1
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.slow
+def test_export_with_mistral_tokenizer_picked_from_the_checkpoint(tmp_path, capsys):
+    """A checkpoint trained with Mistral-Nemo's tokenizer exports it (the CLI picks the kind the checkpoint
+    records); transformers' tokenizer then encodes like ours, with bos first, and the ids match."""
+    mistral_common = pytest.importorskip("mistral_common")
+    tekken = Path(mistral_common.__file__).parent / "data" / "tekken_240718.json"
+    tok = tk.load_mistral_tokenizer(tekken)
+    tok.backend.save(str(tmp_path / "mistral.json"))  # the same tokenizer, quicker to load than tekken.json
+    args = random_args(51, vocab_size=tok.vocab_size, dim=8, n_heads=1, n_layers=2, n_dense_layers=2)
+    save_tiny_checkpoint(tmp_path / "ckpt", args, tok, seed=51)
+    hfi.main(["--save_file_name", str(tmp_path / "ckpt"), "--output_dir", str(tmp_path / "hf"),
+              "--mistral_tokenizer_path", str(tmp_path / "mistral.json")])
+    assert "exported" in capsys.readouterr().out
+    hf_tok = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    text = "Hello world! Café 12345 日本語\n  def f(x): return x"
+    assert hf_tok(text)["input_ids"] == [tok.bos_id] + tok.encode(text)
+    assert (hf_tok.bos_token_id, hf_tok.eos_token_id, hf_tok.pad_token_id) == (tok.bos_id, tok.eos_id, tok.pad_id)
+    assert hfi.folder_tokenizer_meta(tmp_path / "hf") == tok.describe()
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert (config["bos_token_id"], config["eos_token_id"], config["pad_token_id"]) == (1, 2, tok.pad_id)
