@@ -115,7 +115,9 @@ def generate(model: torch.nn.Module, prompts: Sequence[Sequence[int]], max_new_t
     for b, p in enumerate(prompts):
         tokens[b, prompt_len - len(p):prompt_len] = torch.as_tensor(list(p), dtype=torch.long)
     tokens = tokens.to(device)
-    pad = torch.tensor([prompt_len - n for n in lengths], dtype=torch.long, device=device)
+    # left padding per row; None when no row is padded (the model then needs no mask and no per-row positions)
+    pad = torch.tensor([prompt_len - n for n in lengths], dtype=torch.long, device=device) \
+        if min(lengths) < prompt_len else None
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     step = decode_step or (lambda t, start_pos, pad: model(t, start_pos=start_pos, pad=pad))
     model.setup_cache(batch, total, device=device)
@@ -284,8 +286,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     torch.manual_seed(cfg.seed)
-    step_dir = checkpoint.resolve_checkpoint(Path(cfg.save_file_name))
-    model, meta = checkpoint.load_model(step_dir, device=device, dtype=dtype)
+    path = Path(cfg.save_file_name)
+    step_dir = path if checkpoint.is_hf_model_folder(path) else checkpoint.resolve_checkpoint(path)
+    # dtype=None keeps the memory-mapped weights as stored; convert only when another dtype is asked for
+    model, meta = checkpoint.load_model(step_dir, device=device, dtype=None)
+    if model_device_dtype(model)[1] != dtype:
+        model.to(dtype)
+        if hasattr(model, "init_buffers"):  # Module.to also casts the complex RoPE table to a real dtype
+            model.init_buffers()
     tok = tokenizer_mod.load_tokenizer(cfg)
     stored = (meta or {}).get("tokenizer") or {}
     if stored.get("fingerprint"):

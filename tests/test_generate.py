@@ -2,11 +2,22 @@
 (dense and MoE, a batch of left-padded prompts of different lengths), determinism, and the CLI's one-line errors."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
 from generate import sample_next, top_k_filter, top_p_filter
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models: one thread is as fast, and never spins against the other tests' processes."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def nucleus_reference(probs: np.ndarray, p: float) -> set[int]:
@@ -110,3 +121,220 @@ def test_same_seed_same_draws():
     a = sample_next(logits, 1.0, 0.9, 0, torch.Generator().manual_seed(5))
     b = sample_next(logits, 1.0, 0.9, 0, torch.Generator().manual_seed(5))
     assert torch.equal(a, b)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Cached decoding against full recomputation (small random models)
+
+
+def _random_model(preset: str, vocab: int = 512, dtype=torch.float64, seed: int = 0, **overrides):
+    from config import model_args_from_preset
+    from model import Transformer
+
+    torch.manual_seed(seed)
+    # init_std 0.1: peaked enough logits that greedy continuations depend on the context (not one repeated token)
+    args = model_args_from_preset(preset, vocab_size=vocab, init_std=0.1, **overrides)
+    model = Transformer(args)
+    model.init_weights()
+    model.to(dtype)
+    model.init_buffers()  # Module.to casts the complex RoPE table too: recompute it
+    with torch.no_grad():  # a non-zero balancing bias, so that it takes part in routing
+        for moe in model.moe_layers():
+            moe.gate.bias.normal_(0, 0.05)
+    return model.eval()
+
+
+def _prompts(lengths, vocab=512, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+@pytest.mark.parametrize("preset", ["tiny-dense", "tiny"])
+def test_cached_greedy_equals_full_recompute_for_a_padded_batch(preset):
+    from generate import generate, generate_reference
+
+    model = _random_model(preset)
+    prompts = _prompts([5, 17, 1, 9, 24])
+    got = generate(model, prompts, 20)
+    want = generate_reference(model, prompts, 20)
+    assert got == want
+    assert all(len(r) == 20 for r in got)
+    assert min(len(set(r)) for r in got) >= 5, "degenerate continuations make this test vacuous"
+    # the padded batch also equals each prompt generated alone
+    assert [generate(model, [p], 20)[0] for p in prompts[:3]] == got[:3]
+
+
+def test_cached_sampling_equals_reference_sampling_with_the_same_generator():
+    from generate import generate, generate_reference
+
+    model = _random_model("tiny")
+    prompts = _prompts([3, 11, 7], seed=1)
+    kw = dict(temperature=1.0, top_p=0.9, top_k=50)
+    got = generate(model, prompts, 16, generator=torch.Generator().manual_seed(7), **kw)
+    want = generate_reference(model, prompts, 16, generator=torch.Generator().manual_seed(7), **kw)
+    assert got == want
+    again = generate(model, prompts, 16, generator=torch.Generator().manual_seed(7), **kw)
+    other = generate(model, prompts, 16, generator=torch.Generator().manual_seed(8), **kw)
+    assert again == got and other != got
+
+
+def test_rows_stop_at_eos_and_the_loop_ends_when_all_stopped():
+    from generate import generate, generate_reference
+
+    model = _random_model("tiny", seed=2)
+    prompts = _prompts([4, 10], seed=2)
+    free = generate(model, prompts, 20)
+    eos = free[0][5]                              # row 0 emits this token at step 5 (maybe earlier too)
+    got = generate(model, prompts, 20, eos_id=eos)
+    assert got == generate_reference(model, prompts, 20, eos_id=eos)
+    first = free[0].index(eos)
+    assert got[0] == free[0][:first + 1]
+    for new, ref in zip(got, free):               # every row: its free run cut after its first eos
+        assert new == (ref[:ref.index(eos) + 1] if eos in ref else ref)
+    # when every row ends early, the loop stops early (fewer decode steps)
+    timings: dict = {}
+    generate(model, [prompts[0]], 20, eos_id=eos, timings=timings)
+    assert timings["decode_steps"] == first
+
+
+def test_vocab_size_restricts_sampling():
+    from generate import generate
+
+    model = _random_model("tiny-dense", seed=3)
+    out = generate(model, _prompts([6, 2], seed=3), 12, temperature=1.0, vocab_size=40,
+                   generator=torch.Generator().manual_seed(0))
+    assert all(0 <= t < 40 for row in out for t in row)
+
+
+def test_stream_printer_never_prints_partial_characters():
+    import io
+
+    import tokenizers
+    from tokenizers import decoders, models, pre_tokenizers
+
+    from generate import StreamPrinter
+
+    # a byte-level tokenizer with no merges: every UTF-8 byte is its own token, so multi-byte characters arrive
+    # in pieces
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    backend = tokenizers.Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(sorted(alphabet))}, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+
+    class Tok:
+        def decode(self, ids):
+            return backend.decode(ids)
+
+    text = "héllo wörld — 日本語 🎉!"
+    ids = backend.encode(text).ids
+    assert len(ids) > len(text)
+    out = io.StringIO()
+    printer = StreamPrinter(Tok(), out)
+    writes = []
+    for t in ids:
+        before = out.getvalue()
+        printer(0, torch.tensor([t]))
+        writes.append(out.getvalue()[len(before):])
+    printer.flush(final=True)
+    assert out.getvalue() == text
+    assert not any("\ufffd" in w for w in writes)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The command line on a real tiny checkpoint
+
+
+def _train_tokenizer(folder, vocab_size: int, text_file):
+    import train_tokenizer
+
+    train_tokenizer.main(["--vocab_size", str(vocab_size), "--tokenizer_train_shard_size", "60000",
+                          "--dataset_path_huggingface", str(text_file), "--output_path", str(folder)])
+    from config import TokenizerOptions
+    from tokenizer import load_tokenizer
+
+    return load_tokenizer(TokenizerOptions(tokenizer_path=str(folder)))
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    from checkpoint import save_checkpoint
+    from config import model_args_from_preset
+    from model import Transformer
+
+    root = tmp_path_factory.mktemp("generate_cli")
+    text = root / "text.txt"  # some English-and-code text: this project's own sources
+    text.write_text("\n".join(p.read_text() for p in sorted(Path(__file__).parent.parent.glob("*.py"))))
+    tok = _train_tokenizer(root / "tokenizer", 300, text)
+    other = _train_tokenizer(root / "other_tokenizer", 320, text)
+    assert other.fingerprint != tok.fingerprint
+    torch.manual_seed(0)
+    args = model_args_from_preset("tiny", vocab_size=tok.vocab_size, max_seq_len=64, init_std=0.1)
+    model = Transformer(args)
+    model.init_weights()
+    meta = {"model_args": args.to_dict(), "train_config": {},
+            "tokenizer": {"kind": tok.kind, "fingerprint": tok.fingerprint, "vocab_size": tok.vocab_size}}
+    save_checkpoint(root / "ckpt", 3, model, None, meta, {}, keep=1)
+    (root / "empty").mkdir()
+    return dict(root=root, tok=tok)
+
+
+ENV = {"OMP_NUM_THREADS": "1"}
+
+
+def _gen(script, run, *args):
+    return script("generate.py", "--save_file_name", str(run["root"] / "ckpt"),
+                  "--tokenizer_path", str(run["root"] / "tokenizer"), *args, cwd=run["root"], env=ENV)
+
+
+def _one_line_error(proc, *needles):
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), proc.stderr
+    assert "Traceback" not in proc.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def test_cli_streams_the_greedy_continuation_and_a_summary(script, tiny_run):
+    from checkpoint import load_model
+    from generate import generate
+
+    proc = _gen(script, tiny_run, "--input_text", "The cat", "--num_tokens_to_generate", "12",
+                "--temperature", "0", "--stop_at_eos", "false")
+    assert proc.returncode == 0, proc.stderr
+    model, _ = load_model(tiny_run["root"] / "ckpt")
+    tok = tiny_run["tok"]
+    ids = generate(model, [[tok.bos_id] + tok.encode("The cat")], 12)[0]
+    assert proc.stdout.startswith("The cat" + tok.decode(ids) + "\n")
+    for field in ("prompt tokens: 3" if len(tok.encode("The cat")) == 2 else "prompt tokens:",
+                  "generated tokens: 12", "prefill:", "decode:", "cache:"):
+        assert field in proc.stdout, proc.stdout
+
+
+def test_cli_batch_from_file_equals_single_prompts(script, tiny_run):
+    prompts = ["def f", "The quick brown fox jumps", "x"]
+    path = tiny_run["root"] / "prompts.txt"
+    path.write_text("\n".join(prompts) + "\n\n")
+    proc = _gen(script, tiny_run, "--input_file", str(path), "--num_tokens_to_generate", "8", "--temperature", "0",
+                "--num_samples", "2")
+    assert proc.returncode == 0, proc.stderr
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("--- [")]
+    assert len(lines) == 6
+    single = _gen(script, tiny_run, "--input_text", prompts[1], "--num_tokens_to_generate", "8",
+                  "--temperature", "0")
+    text = single.stdout.split("\n\n[")[0].rstrip("\n")
+    assert lines[2] == "--- [1.0] " + text and lines[3] == "--- [1.1] " + text
+
+
+def test_cli_errors_are_one_line(script, tiny_run):
+    root = tiny_run["root"]
+    _one_line_error(_gen(script, tiny_run, "--input_text", "word " * 80, "--num_tokens_to_generate", "4"),
+                    "longer than the context of 64 tokens")
+    n_prompt = 1 + len(tiny_run["tok"].encode("Hi"))  # bos + text
+    _one_line_error(_gen(script, tiny_run, "--input_text", "Hi", "--num_tokens_to_generate", "20",
+                         "--max_seq_len", "16"), "context of 16 tokens", f"at most {16 - n_prompt} new tokens fit")
+    _one_line_error(_gen(script, tiny_run, "--input_text", ""), "empty prompt")
+    _one_line_error(script("generate.py", "--save_file_name", str(root / "empty"), "--tokenizer_path",
+                           str(root / "tokenizer"), cwd=root, env=ENV), "no checkpoint")
+    _one_line_error(script("generate.py", "--save_file_name", str(root / "ckpt"), "--tokenizer_path",
+                           str(root / "other_tokenizer"), cwd=root, env=ENV), "fingerprint")
