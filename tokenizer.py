@@ -70,6 +70,12 @@ class Tokenizer:
         self.fingerprint = fingerprint or compute_fingerprint(backend)
         self.source = source
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Unpickling (e.g. in an encoding worker process): tokenizers.Tokenizer's pickle drops the
+        encode_special_tokens flag, so set it again."""
+        self.__dict__.update(state)
+        self.backend.encode_special_tokens = True
+
     def encode(self, text: str) -> list[int]:
         """Token ids of text, no special tokens added."""
         return self.backend.encode(text, add_special_tokens=False).ids

@@ -8,6 +8,7 @@ converter whose output these tests check against mistral_common rather than trus
 from __future__ import annotations
 
 import json
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -160,6 +161,30 @@ def test_mistral_folder_prefers_tokenizer_json(tmp_path, mistral_hf_dir, mistral
     assert from_folder.fingerprint == mistral_from_json.fingerprint
 
 
+def test_small_tekken_with_own_special_tokens_matches_mistral_common(tekken_path, tmp_path):
+    """A tekken file in the newer layout (its own special_tokens list, here without <pad>, fewer specials than
+    num_special_tokens, a vocabulary truncated by default_vocab_size): same ids as mistral_common, filler
+    <SPECIAL_i> tokens, and padding falls back to <unk>."""
+    from mistral_common.tokens.tokenizers.tekken import Tekkenizer
+
+    full = json.loads(tekken_path.read_text(encoding="utf-8"))
+    specials = ["<unk>", "<s>", "</s>", "[INST]"]
+    small = {"config": {**full["config"], "default_vocab_size": 3010, "default_num_special_tokens": 10},
+             "vocab": full["vocab"][:3500],  # more than the 3000 that default_vocab_size keeps
+             "special_tokens": [{"rank": i, "token_str": s, "is_control": True} for i, s in enumerate(specials)]}
+    path = tmp_path / "tekken.json"
+    path.write_text(json.dumps(small), encoding="utf-8")
+    reference = Tekkenizer.from_file(path)
+    ours = tk.load_mistral_tokenizer(path)
+    assert (ours.vocab_size, ours.bos_id, ours.eos_id, ours.pad_id) == (3010, 1, 2, 0)
+    assert ours.token_to_id("<SPECIAL_9>") == 9 and ours.token_to_id("[INST]") == 3
+    texts = corpus_sample()
+    expected = [reference.encode(text, bos=False, eos=False) for text in texts]
+    assert ours.encode_batch(texts) == expected
+    assert [ours.decode(ids) for ids in expected] == texts
+    assert max(max(ids, default=0) for ids in expected) >= 2900  # the upper ranks are really used
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Trained tokenizer
 
@@ -218,6 +243,8 @@ def test_trained_encode_interface(trained):
     assert trained.decode(ids) == text
     assert trained.encode_document(text) == [1, *ids, 2]
     assert trained.decode(trained.encode_document(text)) == text  # specials skipped
+    clone = pickle.loads(pickle.dumps(trained))  # as sent to encoding worker processes
+    assert (clone.encode(text), clone.fingerprint, clone.bos_id) == (ids, trained.fingerprint, 1)
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
