@@ -16,7 +16,7 @@ windows and together cover the split once per epoch. Stream position p belongs t
 window order_e[p % num_windows], where order_e is the identity or, with shuffle, a permutation seeded by (seed, e).
 Epochs wrap explicitly (a batch may straddle two epochs); nothing ever raises StopIteration. The whole state is the
 stream position, so state_dict()/load_state_dict() resume with exactly the next batch, also under another
-world_size or batch_size as long as the position divides evenly.
+world_size or batch_size as long as the position divides evenly (else it is rounded up to the next step).
 """
 from __future__ import annotations
 
@@ -186,6 +186,7 @@ class ShardedLoader:
         self._starts = np.cumsum([0] + [s["tokens"] for s in self.shards], dtype=np.int64)
         self.num_windows = (self.tokens - 1) // seq_len
         self.position = 0  # global stream position (in windows) of the next batch of rank 0
+        self.resumed_exactly = True
         self._orders: OrderedDict[int, np.ndarray] = OrderedDict()
 
     # ------------------------------------------------------------------------------------------------------------
@@ -206,6 +207,8 @@ class ShardedLoader:
         order = self._orders.get(epoch)
         if order is None:
             order = np.random.default_rng([self.seed, epoch]).permutation(self.num_windows)
+            if self.num_windows < 1 << 32:
+                order = order.astype(np.uint32)  # half the memory for large splits
             self._orders[epoch] = order
             while len(self._orders) > 2:
                 self._orders.popitem(last=False)
@@ -289,7 +292,8 @@ class ShardedLoader:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from a saved state: the next batch is exactly the one the saved loader would have produced
-        (also under a different world_size/batch_size when the saved position divides evenly)."""
+        (also under a different world_size/batch_size when the saved position divides evenly; otherwise the
+        position is rounded up to the next step and `resumed_exactly` is False)."""
         mismatches = [f"{key} {state.get(key)!r} -> {value!r}" for key, value in
                       (("split", self.split), ("seq_len", self.seq_len), ("tokens", self.tokens),
                        ("shuffle", self.shuffle), ("seed", self.seed))
@@ -298,12 +302,11 @@ class ShardedLoader:
             raise UserError(f"cannot resume the data loader exactly: the saved state differs ({'; '.join(mismatches)}"
                             f"); use the same data, --seq_len, --shuffle and --seed, or start a fresh run")
         position = int(state["position"])
-        if position % (self.batch_size * self.world_size):
-            raise UserError(f"cannot resume the data loader: {position} windows were consumed, which is not a "
-                            f"multiple of batch_size*world_size = {self.batch_size * self.world_size}; resume with "
-                            f"the saved batch_size ({state.get('batch_size')}) and world_size "
-                            f"({state.get('world_size')})")
-        self.position = position
+        per_step = self.batch_size * self.world_size
+        # another batch_size/world_size whose step does not divide the position: round up to the next step, so
+        # that every rank (all loading the same state) agrees; this skips fewer than one step's windows
+        self.position = -(-position // per_step) * per_step
+        self.resumed_exactly = self.position == position
 
     def __repr__(self) -> str:
         return (f"ShardedLoader({self.data_dir}, split={self.split}, tokens={self.tokens}, "

@@ -232,30 +232,30 @@ def encoded_chunks(documents: Iterable[str], encode: Encoder, prefix: Sequence[i
 # Writing
 
 
-def _atomic_save(path: Path, array: np.ndarray) -> None:
+def _atomic_write(path: Path, write: Callable[[Any], None]) -> None:
+    """Write through a temporary file in the same folder, fsync, then rename into place (never a partial file
+    under the final name). A failing disk (full, read-only) is a one-line UserError."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            np.save(f, array, allow_pickle=False)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         tmp.unlink(missing_ok=True)
+        if isinstance(error, OSError):
+            raise UserError(f"cannot write '{path}' ({type(error).__name__}: {error.strerror or error}); free "
+                            f"some space or choose another --data_file_name") from None
         raise
+
+
+def _atomic_save(path: Path, array: np.ndarray) -> None:
+    _atomic_write(path, lambda f: np.save(f, array, allow_pickle=False))
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    _atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
 class SplitWriter:
