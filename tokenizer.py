@@ -19,6 +19,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Sequence
@@ -26,8 +27,6 @@ from typing import Any, Sequence
 import tokenizers
 from tokenizers import AddedToken, Regex, decoders, pre_tokenizers
 from tokenizers.models import BPE
-
-from dataclasses import dataclass
 
 from config import TokenizerOptions, UserError, opt, parse_config, run_main
 
