@@ -153,27 +153,25 @@ def test_mistral_random_unicode_matches_mistral_common(mistral_from_tekken, refe
     assert mistral_from_tekken.decode(ids) == text
 
 
-def test_mistral_folder_prefers_tokenizer_json(tmp_path, mistral_hf_dir, mistral_from_json):
-    (tmp_path / "tokenizer.json").write_bytes((mistral_hf_dir / "tokenizer.json").read_bytes())
-    (tmp_path / "tekken.json").write_text("not read")
-    from_folder = tk.load_mistral_tokenizer(tmp_path)
-    assert from_folder.source.endswith("tokenizer.json")
-    assert from_folder.fingerprint == mistral_from_json.fingerprint
-
-
-def test_small_tekken_with_own_special_tokens_matches_mistral_common(tekken_path, tmp_path):
-    """A tekken file in the newer layout (its own special_tokens list, here without <pad>, fewer specials than
-    num_special_tokens, a vocabulary truncated by default_vocab_size): same ids as mistral_common, filler
-    <SPECIAL_i> tokens, and padding falls back to <unk>."""
-    from mistral_common.tokens.tokenizers.tekken import Tekkenizer
-
+@pytest.fixture(scope="module")
+def small_tekken_path(tekken_path, tmp_path_factory) -> Path:
+    """A tekken file in the newer layout: its own special_tokens list (here without <pad>, and fewer than
+    num_special_tokens), a vocabulary longer than default_vocab_size keeps."""
     full = json.loads(tekken_path.read_text(encoding="utf-8"))
     specials = ["<unk>", "<s>", "</s>", "[INST]"]
     small = {"config": {**full["config"], "default_vocab_size": 3010, "default_num_special_tokens": 10},
              "vocab": full["vocab"][:3500],  # more than the 3000 that default_vocab_size keeps
              "special_tokens": [{"rank": i, "token_str": s, "is_control": True} for i, s in enumerate(specials)]}
-    path = tmp_path / "tekken.json"
+    path = tmp_path_factory.mktemp("small_tekken") / "tekken.json"
     path.write_text(json.dumps(small), encoding="utf-8")
+    return path
+
+
+def test_small_tekken_with_own_special_tokens_matches_mistral_common(small_tekken_path):
+    """Same ids as mistral_common, filler <SPECIAL_i> tokens, and padding falls back to <unk>."""
+    from mistral_common.tokens.tokenizers.tekken import Tekkenizer
+
+    path = small_tekken_path
     reference = Tekkenizer.from_file(path)
     ours = tk.load_mistral_tokenizer(path)
     assert (ours.vocab_size, ours.bos_id, ours.eos_id, ours.pad_id) == (3010, 1, 2, 0)
@@ -183,6 +181,18 @@ def test_small_tekken_with_own_special_tokens_matches_mistral_common(tekken_path
     assert ours.encode_batch(texts) == expected
     assert [ours.decode(ids) for ids in expected] == texts
     assert max(max(ids, default=0) for ids in expected) >= 2900  # the upper ranks are really used
+
+
+def test_mistral_folder_prefers_tokenizer_json(small_tekken_path, tmp_path):
+    """A folder holding both files: tokenizer.json is read (here the HF form of the small tekken file)."""
+    from_tekken = tk.load_mistral_tokenizer(small_tekken_path)
+    from_tekken.backend.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tekken.json").write_text("not read")
+    from_folder = tk.load_mistral_tokenizer(tmp_path)
+    assert from_folder.source.endswith("tokenizer.json")
+    assert from_folder.fingerprint == from_tekken.fingerprint
+    text = "Folder test: 123 héllo"
+    assert from_folder.encode(text) == from_tekken.encode(text)
 
 
 # ----------------------------------------------------------------------------------------------------------------
