@@ -327,44 +327,66 @@ def test_incomplete_hf_folder_raises_user_error(tmp_path):
 
 
 @pytest.mark.slow
-def test_export_cli_writes_a_folder_transformers_loads_and_generates_from(tmp_path):
+def test_trained_model_exports_and_transformers_generates_from_it(tmp_path, capsys):
+    """The quickstart's pipeline in miniature (tokenizer -> shards -> train.py, tiny preset with DeepSeek-V3's
+    sigmoid router), then the export CLI: transformers loads the folder and its tokenizer and generates the same
+    greedy tokens as our model; generate.py and train.py --init_from take the folder as is."""
     tok = make_tokenizer(tmp_path / "tokenizer")
-    args = random_args(41, vocab_size=tok.vocab_size, n_expert_groups=2)
-    save_tiny_checkpoint(tmp_path / "ckpt", args, tok, seed=41)
+    tok_args = ["--tokenizer_path", str(tmp_path / "tokenizer")]
+    result = run_script("tokenize_data.py", *tok_args, "--data_file_name", str(tmp_path / "data"),
+                        "--max_tokens", "30000", "--encoded_dataset_shard_size", "10000", timeout=300)
+    assert result.returncode == 0, result.stderr
+    train_args = [*tok_args, "--data_file_name", str(tmp_path / "data"), "--steps", "3", "--seq_len", "32",
+                  "--batch_size", "4", "--total_batch_size", "128", "--eval_rate", "0", "--warm_up", "1",
+                  "--save_rate", "3", "--device", "cpu"]
+    import train  # in-process: each extra interpreter costs seconds of imports
+
+    train.main(["--model", "tiny", "--score_func", "sigmoid", "--save_file_name", str(tmp_path / "ckpt"),
+                *train_args])
     out = tmp_path / "hf_model"
     result = run_script("hf_interop.py", "--save_file_name", str(tmp_path / "ckpt"), "--output_dir", str(out),
-                        "--tokenizer_path", str(tmp_path / "tokenizer"), timeout=300)
+                        *tok_args, timeout=300)
     assert result.returncode == 0, result.stderr
     assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
             "tokenizer_config.json"} <= {p.name for p in out.iterdir()}
 
     hf = load_hf(out)
     hf_tok = AutoTokenizer.from_pretrained(out)
-    text = "The function returns hello"
+    text = "The function returns"
     assert hf_tok(text)["input_ids"] == [tok.bos_id] + tok.encode(text)  # documents start with bos
     assert (hf_tok.bos_token_id, hf_tok.eos_token_id, hf_tok.pad_token_id) == (tok.bos_id, tok.eos_id, tok.pad_id)
     assert hf.generation_config.eos_token_id == tok.eos_id
-
     ids = hf_tok(text, return_tensors="pt")
-    out_ids = hf.generate(**ids, max_new_tokens=10, do_sample=False)
-    theirs = out_ids[0, ids["input_ids"].shape[1]:].tolist()
+    theirs = hf.generate(**ids, max_new_tokens=12, do_sample=False)[0, ids["input_ids"].shape[1]:].tolist()
+
     model, meta = checkpoint.load_model(out)  # import goes back through hf_interop
     assert meta["tokenizer"] == tok.describe()
     assert hfi.load_folder_tokenizer(out).describe() == tok.describe()  # parsed again: the same identity
-    ours = generate(model, [[tok.bos_id] + tok.encode(text)], 10, temperature=0.0, eos_id=tok.eos_id)[0]
-    assert ours == theirs[:len(ours)] and (len(ours) == 10 or ours[-1] == tok.eos_id)
+    trained = checkpoint.load_weights(checkpoint.resolve_checkpoint(tmp_path / "ckpt") / checkpoint.WEIGHTS_FILE)
+    assert_state_dicts_identical(trained, model.state_dict())
+    ours = generate(model, [[tok.bos_id] + tok.encode(text)], 12, temperature=0.0, eos_id=tok.eos_id)[0]
+    assert ours == theirs[:len(ours)] and (len(ours) == 12 or ours[-1] == tok.eos_id)
     assert hf_tok.decode(theirs, skip_special_tokens=True) == tok.decode(theirs)
 
-    # a second export into the same folder is a one-line error, and so is a model HF cannot express
-    again = run_script("hf_interop.py", "--save_file_name", str(tmp_path / "ckpt"), "--output_dir", str(out),
-                       "--tokenizer_path", str(tmp_path / "tokenizer"), timeout=300)
-    assert again.returncode == 1 and "already exists" in again.stderr and len(again.stderr.splitlines()) == 1
-    save_tiny_checkpoint(tmp_path / "softmax", random_args(42, score_func="softmax"), None)
-    bad = run_script("hf_interop.py", "--save_file_name", str(tmp_path / "softmax"), "--output_dir",
-                     str(tmp_path / "x"), "--save_tokenizer=False", timeout=300)
-    assert bad.returncode == 1 and "score_func=softmax" in bad.stderr and len(bad.stderr.splitlines()) == 1
-    assert not (tmp_path / "x").exists()
+    # generate.py and train.py --init_from accept the folder (its own tokenizer.json)
+    import generate as generate_script
 
+    capsys.readouterr()
+    generate_script.main(["--save_file_name", str(out), "--tokenizer_path", str(out), "--input_text", text,
+                          "--num_tokens_to_generate", "12", "--temperature", "0", "--stream=False", "--device", "cpu"])
+    assert hf_tok.decode(ours, skip_special_tokens=True) in capsys.readouterr().out
+    train.main(["--init_from", str(out), "--save_file_name", str(tmp_path / "ckpt2"), *train_args])
+    assert ModelArgs.from_dict(checkpoint.read_meta(checkpoint.resolve_checkpoint(tmp_path / "ckpt2"))
+                               ["model_args"]) == ModelArgs.from_dict(checkpoint.read_meta(
+                                   checkpoint.resolve_checkpoint(tmp_path / "ckpt"))["model_args"])
+
+    # exporting into an existing folder, or a model HF cannot express, is a one-line error
+    with pytest.raises(UserError, match="already exists"):
+        hfi.main(["--save_file_name", str(tmp_path / "ckpt"), "--output_dir", str(out), *tok_args])
+    save_tiny_checkpoint(tmp_path / "softmax", random_args(42, score_func="softmax"), None)
+    with pytest.raises(UserError, match="score_func=softmax"):
+        hfi.main(["--save_file_name", str(tmp_path / "softmax"), "--output_dir", str(tmp_path / "x")])
+    assert not (tmp_path / "x").exists()
 
 @pytest.mark.slow
 def test_export_with_mistral_tokenizer_picked_from_the_checkpoint(tmp_path, capsys):
