@@ -193,7 +193,8 @@ class ShardedLoader:
     def _shard(self, i: int) -> np.ndarray:
         array = self._open.get(i)
         if array is None:
-            array = open_shard(self.data_dir, self.shards[i], self.dtype)
+            # a plain ndarray view of the memory map (its base): slicing it skips np.memmap's per-slice overhead
+            array = open_shard(self.data_dir, self.shards[i], self.dtype).view(np.ndarray)
             self._open[i] = array
             if len(self._open) > _MAX_OPEN_SHARDS:
                 self._open.popitem(last=False)
@@ -247,10 +248,25 @@ class ShardedLoader:
     def batch_at(self, position: int) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's batch for the global stream position `position` (no state change)."""
         first = position + self.rank * self.batch_size
-        rows = np.empty((self.batch_size, self.seq_len + 1), dtype=np.int64)
-        for i in range(self.batch_size):
-            w = self.window_index(first + i)
-            rows[i] = self.read_tokens(w * self.seq_len, self.seq_len + 1)
+        length = self.seq_len + 1
+        rows = np.empty((self.batch_size, length), dtype=np.int64)
+        positions = np.arange(first, first + self.batch_size, dtype=np.int64)
+        epochs, offsets = np.divmod(positions, self.num_windows)
+        windows = offsets
+        if self.shuffle:
+            windows = np.empty_like(offsets)
+            for epoch in np.unique(epochs).tolist():
+                mask = epochs == epoch
+                windows[mask] = self._order(epoch)[offsets[mask]]
+        starts = windows * self.seq_len
+        shard_of = np.searchsorted(self._starts, starts, side="right") - 1
+        local = starts - self._starts[shard_of]
+        for i, (shard, lo, start) in enumerate(zip(shard_of.tolist(), local.tolist(), starts.tolist())):
+            array = self._shard(shard)
+            if lo + length <= array.shape[0]:
+                rows[i] = array[lo:lo + length]
+            else:  # the window crosses into the next shard(s)
+                rows[i] = self.read_tokens(start, length)
         if self.vocab_size is not None and (rows.max() >= self.vocab_size):
             raise UserError(f"a shard in '{self.data_dir}' holds token id {int(rows.max())} >= vocab_size "
                             f"{self.vocab_size} (corrupted data); {_rerun_hint(self.data_dir)}")

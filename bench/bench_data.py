@@ -16,6 +16,8 @@ What is timed:
   script      (informational) `python tokenize_data.py` end to end on the built-in corpus: also includes Python
               start-up, loading the tokenizer and assembling the built-in corpus (parsing the stdlib), which
               the in-memory rows exclude.
+Also: ShardedLoader.next_batch throughput (shuffled 16x256 batches from memory-mapped shards) beside gathering
+the same windows from one in-RAM array.
 Trials alternate ceiling and pipeline runs; the ratio is the median of per-trial ratios (robust to other load on
 the machine), tokens/s the best trial. Target: pipeline/ceiling >= 0.85 for both tokenizers.
 """
@@ -99,6 +101,43 @@ def bench_tokenizer(name: str, tok, texts: list[str], trials: int, shard_size: i
     return rows
 
 
+def bench_loader(tok, texts: list[str], batch_size: int, seq_len: int, batches: int) -> None:
+    """ShardedLoader.next_batch (memory-mapped shards, shuffled windows) beside the same windows gathered from
+    one in-RAM numpy array (the peer: what a loader that reads everything into memory would do)."""
+    import numpy as np
+    import torch
+
+    from data_loader import ShardedLoader
+    out = Path(tempfile.mkdtemp(prefix="bench_loader_"))
+    try:
+        td.tokenize_documents(iter(texts), tok, out, 100_000, progress=False)
+        loader = ShardedLoader(out, "train", batch_size, seq_len, shuffle=True, seed=0,
+                               vocab_size=tok.vocab_size, tokenizer_fingerprint=tok.fingerprint)
+        stream = np.concatenate([np.load(out / s["file"]) for s in loader.shards])
+        positions = [loader.window_index(p) for p in range(batches * batch_size)]
+
+        def in_ram() -> None:
+            for b in range(batches):
+                rows = np.stack([stream[w * seq_len: w * seq_len + seq_len + 1]
+                                 for w in positions[b * batch_size:(b + 1) * batch_size]]).astype(np.int64)
+                torch.from_numpy(rows[:, :-1].copy()), torch.from_numpy(rows[:, 1:].copy())
+
+        def ours() -> None:
+            loader.reset()
+            for _ in range(batches):
+                loader.next_batch()
+
+        t_ours = min(timed(ours)[0] for _ in range(3))
+        t_ram = min(timed(in_ram)[0] for _ in range(3))
+        n = batches * batch_size * seq_len
+        print(f"\nloader: {batches} shuffled batches of {batch_size}x{seq_len} over {len(loader.shards)} shards")
+        print(f"  ShardedLoader.next_batch (mmap)  {n / t_ours:14,.0f} tokens/s  {t_ours / batches * 1e6:8.0f} us/batch")
+        print(f"  in-RAM numpy gather (peer)       {n / t_ram:14,.0f} tokens/s  {t_ram / batches * 1e6:8.0f} us/batch"
+              f"   ratio {t_ram / t_ours:.2f}")
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+
+
 def script_run(args: list[str]) -> tuple[float, str]:
     start = time.perf_counter()
     result = subprocess.run([sys.executable, str(ROOT / "tokenize_data.py"), *args], capture_output=True, text=True)
@@ -149,6 +188,8 @@ def main() -> None:
             rate_text = f"{rate:,.0f}" if rate == rate else ""
             print(f"{name:<14} {what:<42} {rate_text:>12} {ratio:>10.2f}")
         print("target: tokenize_data pipeline / ceiling >= 0.85")
+
+        bench_loader(trained, docs, 16, 256, 300)
 
         if not args.no_script:
             print("\nend to end (python tokenize_data.py on the built-in corpus, wall time incl. start-up, "

@@ -208,7 +208,7 @@ def test_loader_matches_naive_reference_across_shards(tmp_path) -> None:
     streams = write_synthetic(tmp_path, {"val": [40], "train": [37, 50, 13, 61, 5]})
     loader = dl.ShardedLoader(tmp_path, "train", batch_size=3, seq_len=7, vocab_size=1 << 20)
     assert loader.tokens == 166 and loader.num_windows == 165 // 7
-    assert all(isinstance(a, np.memmap) for a in loader._open.values())  # memory-mapped, never read whole
+    assert all(isinstance(a.base, np.memmap) for a in loader._open.values())  # memory-mapped, never read whole
     steps = 20  # 60 windows: more than two epochs of 23, batches straddle epoch ends
     expected = naive_batches(streams["train"], 3, 7, 0, 1, steps)
     for (x, y), (ex, ey) in zip((loader.next_batch() for _ in range(steps)), expected):
