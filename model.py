@@ -290,14 +290,13 @@ class Experts(nn.Module):
         order = flat.argsort(stable=True)                                       # pairs grouped by expert
         token_ids = order // K                                                  # [N*K]
         xs = x.index_select(0, token_ids)                                       # [N*K, D] contiguous per expert
+        # unbind and split (not w[e], xs[a:b]): their backward stacks / concatenates the per-expert gradients
+        # once instead of adding E full-size zero-padded ones
+        w1, w2, w3 = self.w1.unbind(0), self.w2.unbind(0), self.w3.unbind(0)
         outs = []
-        start = 0
-        for e, c in enumerate(counts.tolist()):
-            if c == 0:
-                continue
-            h = xs[start:start + c]                                             # [c, D]
-            outs.append(F.linear(F.silu(F.linear(h, self.w1[e])) * F.linear(h, self.w3[e]), self.w2[e]))
-            start += c
+        for e, h in enumerate(xs.split(counts.tolist())):                       # h: [tokens of expert e, D]
+            if h.size(0):
+                outs.append(F.linear(F.silu(F.linear(h, w1[e])) * F.linear(h, w3[e]), w2[e]))
         ys = torch.cat(outs) if len(outs) > 1 else outs[0]                      # [N*K, D]
         ys = ys * weights.flatten().index_select(0, order).unsqueeze(1)
         return torch.zeros_like(x).index_add_(0, token_ids, ys)                 # [N, D]
@@ -344,6 +343,73 @@ class MoE(nn.Module):
         selected.scatter_add_(1, indices.flatten(1), torch.ones_like(indices.flatten(1), dtype=scores.dtype))
         f = selected * (E / (self.topk * T))                                    # [B, E]
         return self.aux_loss_alpha * (f * P).sum(dim=-1).mean()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The loss: LM head + cross-entropy fused, chunked over tokens
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """mean over non-ignored tokens of cross_entropy(h @ weight.T, targets), in fp32, without ever holding the
+    [N, vocab] logits: chunk by chunk, the forward computes the logits, the loss, and (when a gradient is needed)
+    dloss/dlogits = (softmax - onehot) / n in place, then immediately the gradients of h and of the head weight.
+    One exp pass per logit instead of three, no zero-filled [N, vocab] gradient, and the same three matmuls as the
+    unfused head. Backward only scales the stored gradients by the incoming scalar."""
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int,
+                chunk_size: int) -> torch.Tensor:
+        N = h.size(0)                                                           # h: [N, D], weight: [V, D]
+        valid = targets != ignore_index                                         # [N]
+        safe_targets = torch.where(valid, targets, 0)
+        acc = torch.promote_types(h.dtype, torch.float32)                       # fp32 (fp64 for fp64 inputs)
+        inv_n = 1.0 / valid.sum().clamp(min=1).to(acc)                          # tensor: no host sync
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_h = torch.empty_like(h) if need_h else None
+        grad_w = None
+        if need_w:
+            grad_w = torch.zeros(weight.shape, device=weight.device, dtype=acc)
+        loss = torch.zeros((), device=h.device, dtype=acc)
+        for start in range(0, N, chunk_size):
+            sl = slice(start, min(start + chunk_size, N))
+            h_c, t_c, v_c = h[sl], safe_targets[sl], valid[sl]
+            logits = torch.mm(h_c, weight.t())                                  # [n, V]
+            logits = logits.to(acc)                                             # no-op unless bf16/fp16
+            target_logit = logits.gather(1, t_c.unsqueeze(1))                   # [n, 1]
+            m = logits.amax(dim=1, keepdim=True)                                # [n, 1]
+            probs = logits.sub_(m).exp_()                                       # unnormalised softmax, in place
+            s = probs.sum(dim=1, keepdim=True)                                  # [n, 1]
+            loss += ((m + s.log() - target_logit).squeeze(1) * v_c).sum()
+            if need_h or need_w:
+                row_scale = v_c.unsqueeze(1) * inv_n                            # 1/n, 0 for ignored tokens
+                g = probs.mul_(row_scale / s)                                   # softmax / n
+                g.scatter_add_(1, t_c.unsqueeze(1), -row_scale.to(g.dtype))     # - onehot / n
+                g = g.to(h.dtype)                                               # dloss/dlogits: [n, V]
+                if need_h:
+                    torch.mm(g, weight, out=grad_h[sl])                         # [n, D]
+                if need_w:
+                    grad_w.addmm_(g.t(), h_c.to(grad_w.dtype))                  # [V, D]
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.weight_dtype = weight.dtype
+        return loss * inv_n
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        grad_h, grad_w = ctx.saved_tensors
+        if grad_h is not None:
+            grad_h = grad_h * grad_out.to(grad_h.dtype)
+        if grad_w is not None:
+            grad_w = (grad_w * grad_out).to(ctx.weight_dtype)
+        return grad_h, grad_w, None, None, None
+
+
+def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int = -1,
+                         chunk_size: int = 0) -> torch.Tensor:
+    """Mean cross-entropy of the logits h @ weight.T against targets (ignore_index skipped). h: [..., D]."""
+    if chunk_size <= 0:
+        chunk_size = max(16, (1 << 23) // weight.size(0))     # about 32 MiB of fp32 logits per chunk
+    return LinearCrossEntropy.apply(h.reshape(-1, h.size(-1)), weight, targets.reshape(-1), ignore_index,
+                                    chunk_size)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -461,12 +527,9 @@ class Transformer(nn.Module):
             mask = window_mask if layer.attn.window else full_mask
             h = layer(h, freqs_cis, start_pos, mask)
         h = self.norm(h)
-        logits = self.head(h)                                                   # [B, T, vocab]
         if targets is None:
-            return logits
-        if logits.dtype != torch.float32:
-            logits = logits.float()
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+            return self.head(h)                                                 # [B, T, vocab]
+        loss = linear_cross_entropy(h, self.head.weight, targets, ignore_index=-1)
         for moe in self.moe_layers():
             if moe.aux_loss is not None:
                 loss = loss + moe.aux_loss
