@@ -49,7 +49,7 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 
@@ -287,8 +287,6 @@ _ATTN = {  # ours -> HF, inside layers.{i}.attn / model.layers.{i}.self_attn
     "wkv_a": "kv_a_proj_with_mqa", "kv_norm": "kv_a_layernorm", "wkv_b": "kv_b_proj", "wo": "o_proj",
 }
 _MLP = {"w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"}
-# our model's buffers that are training statistics, not part of the function the weights compute
-_STAT_BUFFER_HINTS = ("count", "load", "tokens_per_expert")
 
 
 def _weight_names(args: ModelArgs) -> list[tuple[str, str]]:
@@ -397,7 +395,7 @@ def from_hf_state_dict(hf_sd: Mapping[str, torch.Tensor], args: ModelArgs,
     for ours, hf in _weight_names(args):
         if hf in hf_sd:
             out[ours] = hf_sd[hf]
-        elif ours == "head.weight" or not (ours.endswith(".ffn.gate.bias")):
+        elif not ours.endswith(".ffn.gate.bias"):
             missing.append(hf)
         else:  # a router without correction bias (never trained with aux-free balancing): zero bias
             out[ours] = torch.zeros(args.n_routed_experts, dtype=torch.float32)
@@ -437,10 +435,9 @@ def _backend(tokenizer: Any):
 
     if isinstance(tokenizer, RustTokenizer):
         return tokenizer
-    for name in ("backend", "tokenizer", "tok", "_tokenizer", "_tok", "hf"):
-        inner = getattr(tokenizer, name, None)
-        if isinstance(inner, RustTokenizer):
-            return inner
+    inner = getattr(tokenizer, "backend", None)  # tokenizer.Tokenizer
+    if isinstance(inner, RustTokenizer):
+        return inner
     raise TypeError(f"cannot find the tokenizers.Tokenizer inside {type(tokenizer).__name__}")
 
 

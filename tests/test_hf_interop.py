@@ -239,6 +239,29 @@ def test_export_import_round_trip_is_bit_identical_and_sharded(tmp_path):
     assert (out / hfi.SAFE_WEIGHTS).is_file() and not (out / hfi.SAFE_INDEX).exists()
 
 
+def test_bf16_export_keeps_the_router_in_fp32_like_transformers(tmp_path):
+    args = random_args(12, n_expert_groups=2)
+    model = random_model(args, 12)
+    folder = hfi.write_hf_folder(tmp_path / "hf", args, model.state_dict(), dtype=torch.bfloat16)
+    from safetensors import safe_open
+
+    with safe_open(str(folder / hfi.SAFE_WEIGHTS), "pt") as f:
+        dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}
+    assert {d for k, d in dtypes.items() if ".mlp.gate." in k} == {"F32"}
+    assert {d for k, d in dtypes.items() if ".mlp.gate." not in k} == {"BF16"}
+    assert json.loads((folder / "config.json").read_text())["dtype"] == "bfloat16"
+    load_hf(folder)  # no warnings in its own dtype
+    # the same bf16-rounded weights computed in fp32 on both sides agree tightly
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    ours, _ = hfi.load_hf_model(folder, dtype=torch.float32)
+    tokens = torch.randint(0, args.vocab_size, (2, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(tokens), hf(tokens).logits, atol=ATOL, rtol=0)
+    native, _ = hfi.load_hf_model(folder)  # as stored: bf16 weights, fp32 balancing bias
+    assert native.embed.weight.dtype == torch.bfloat16 and native.layers[1].ffn.gate.bias.dtype == torch.float32
+    with torch.no_grad():
+        assert native(tokens).dtype == torch.bfloat16
+
 # ----------------------------------------------------------------------------------------------------------------
 # import of folders transformers wrote
 
