@@ -398,7 +398,8 @@ def from_hf_state_dict(hf_sd: Mapping[str, torch.Tensor], args: ModelArgs,
         elif not ours.endswith(".ffn.gate.bias"):
             missing.append(hf)
         else:  # a router without correction bias (never trained with aux-free balancing): zero bias
-            out[ours] = torch.zeros(args.n_routed_experts, dtype=torch.float32)
+            device = next(iter(hf_sd.values())).device
+            out[ours] = torch.zeros(args.n_routed_experts, dtype=torch.float32, device=device)
     for i in moe_layer_ids(args):
         hf = f"model.layers.{i}.mlp.experts"
         for w, m in _MLP.items():
