@@ -129,6 +129,7 @@ CASES = {
 # our model == transformers' model
 
 
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")  # transformers' zero-width shared MLP
 @pytest.mark.parametrize("case", list(CASES))
 def test_export_matches_transformers_logits_and_greedy_tokens(case, tmp_path):
     seed, features = CASES[case]
@@ -340,6 +341,10 @@ def test_hf_configs_we_cannot_reproduce_raise_user_error(override, needle):
 def test_incomplete_hf_folder_raises_user_error(tmp_path):
     args = random_args(33)
     hf_sd = hfi.to_hf_state_dict(random_model(args, 33).state_dict(), args)
+    # a router without correction bias (a model never balanced that way) is the same as a zero bias
+    hf_sd.pop("model.layers.1.mlp.gate.e_score_correction_bias")
+    sd = hfi.from_hf_state_dict(hf_sd, args)
+    assert torch.equal(sd["layers.1.ffn.gate.bias"], torch.zeros(args.n_routed_experts))
     hf_sd.pop("model.layers.1.self_attn.kv_b_proj.weight")
     with pytest.raises(UserError, match="kv_b_proj"):
         hfi.from_hf_state_dict(hf_sd, args)
