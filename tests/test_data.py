@@ -221,6 +221,30 @@ def test_loader_matches_naive_reference_across_shards(tmp_path) -> None:
     assert np.array_equal(first[0], naive_batches(streams["val"], 2, 5, 0, 1, 1)[0][0]) and val.position == 0
 
 
+def test_loader_random_configurations_match_reference(tmp_path) -> None:
+    """Fresh random shard layouts, sequence lengths, batch sizes and world sizes: every rank's batches equal the
+    naive reference over a few epochs, with and without shuffling."""
+    rng = np.random.default_rng()
+    for trial in range(12):
+        out = tmp_path / str(trial)
+        sizes = rng.integers(1, 60, size=int(rng.integers(1, 6))).tolist()
+        seq = int(rng.integers(1, 12))
+        if sum(sizes) < seq + 1:
+            sizes.append(seq + 1)
+        streams = write_synthetic(out, {"val": [5], "train": sizes}, seed=trial)
+        batch, world, shuffle = int(rng.integers(1, 5)), int(rng.integers(1, 4)), bool(rng.integers(0, 2))
+        num_windows = (len(streams["train"]) - 1) // seq
+        order = lambda e: np.random.default_rng([3, e]).permutation(num_windows)  # noqa: E731
+        steps = max(2, 3 * num_windows // (batch * world) + 1)
+        for rank in range(world):
+            loader = dl.ShardedLoader(out, "train", batch, seq, rank=rank, world_size=world, shuffle=shuffle, seed=3)
+            for x, (ex, ey) in zip((loader.next_batch() for _ in range(steps)),
+                                   naive_batches(streams["train"], batch, seq, rank, world, steps,
+                                                 order if shuffle else None)):
+                assert np.array_equal(x[0].numpy(), ex) and np.array_equal(x[1].numpy(), ey), \
+                    (sizes, seq, batch, world, shuffle, rank)
+
+
 @pytest.mark.parametrize("shuffle", [False, True])
 def test_two_ranks_are_disjoint_and_cover_an_epoch(tmp_path, shuffle: bool) -> None:
     streams = write_synthetic(tmp_path, {"val": [30], "train": [100, 77, 144]})
