@@ -418,7 +418,7 @@ def train(cfg: TrainConfig, overrides: dict[str, Any], d: Dist) -> int:
         args = resolve_model_args(cfg, overrides, tok.vocab_size, init_meta)
     else:
         args = resolve_model_args(cfg, overrides, tok.vocab_size, None)
-    stored_tok = (init_meta or {}).get("tokenizer", {}).get("fingerprint")
+    stored_tok = ((init_meta or {}).get("tokenizer") or {}).get("fingerprint")
     if stored_tok:
         where = resume_dir or cfg.init_from
         tokenizer_lib.check_fingerprint(tok, stored_tok, f"the checkpoint '{where}'")

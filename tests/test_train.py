@@ -311,3 +311,13 @@ def test_weight_decay_only_on_matrices() -> None:
     assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in no_decay["params"])
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
     assert any(p.dim() == 3 for p in decay["params"])  # the stacked routed experts
+
+
+def test_compiled_model_trains_and_saves_the_raw_module(corpus, tmp_path: Path) -> None:
+    # the eager backend runs torch.compile's graph capture without a C++ toolchain (inductor is exercised by bench)
+    save = tmp_path / "compiled"
+    run_ok(*train_args(corpus, save, *SMALL, "--steps", "2", "--batch_size", "4", "--total_batch_size", "128",
+                       "--eval_rate", "0", "--quiet", "--compile_model", "--backend", "eager"))
+    weights = final_weights(save)
+    assert "embed.weight" in weights and not any(name.startswith(("_orig_mod", "module")) for name in weights)
+    assert all(math.isfinite(rec["loss"]) for rec in read_log(save / "log.jsonl").values())

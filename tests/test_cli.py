@@ -1,0 +1,96 @@
+"""The shared configuration: generated parsers, honest booleans, --help for every script, the built-in corpus."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from config import (MODEL_PRESETS, GenerateConfig, ModelArgs, TokenizeDataConfig, TrainConfig,
+                    TrainTokenizerConfig, model_args_from_preset, parse_config)
+from corpus import builtin_corpus_documents, iter_documents
+
+SCRIPTS = {
+    "train_tokenizer.py": (TrainTokenizerConfig, False),
+    "tokenize_data.py": (TokenizeDataConfig, False),
+    "train.py": (TrainConfig, True),
+    "generate.py": (GenerateConfig, False),
+}
+
+# The flags the original toolkit's README documents: they must exist under these exact names.
+DOCUMENTED_FLAGS = {
+    "train_tokenizer.py": "dataset_path_huggingface dataset_sub_set tokenizer_train_shard_size trust_remote_code",
+    "tokenize_data.py": "dataset_path_huggingface dataset_sub_set data_file_name encoded_dataset_shard_size "
+                        "load_mistral_tokenizer",
+    "train.py": "steps eval_rate eval_steps save_rate warm_up total_batch_size batch_size seed lr min_lr "
+                "weight_decay beta1 beta2 backend save_file_name data_file_name compile_model load_mistral_tokenizer",
+    "generate.py": "input_text num_tokens_to_generate temperature top_p save_file_name load_mistral_tokenizer",
+}
+
+
+@pytest.mark.parametrize("text, expected", [("--load_mistral_tokenizer=False", False),
+                                            ("--load_mistral_tokenizer=True", True),
+                                            ("--load_mistral_tokenizer", True),
+                                            ("--load_mistral_tokenizer=0", False),
+                                            ("--load_mistral_tokenizer=1", True)])
+def test_boolean_flags_mean_what_they_say(text: str, expected: bool) -> None:
+    for cls in (TokenizeDataConfig, GenerateConfig):
+        assert parse_config(cls, [text]).load_mistral_tokenizer is expected
+    config, _ = parse_config(TrainConfig, [text], with_model_args=True)
+    assert config.load_mistral_tokenizer is expected
+
+
+def test_boolean_default_is_false() -> None:
+    assert parse_config(TokenizeDataConfig, []).load_mistral_tokenizer is False
+
+
+def test_bad_values_and_unknown_flags_exit_with_one_line(capsys) -> None:
+    for argv in (["--load_mistral_tokenizer=maybe"], ["--no_such_flag"], ["--encoded_dataset_shard_size", "x"]):
+        with pytest.raises(SystemExit) as excinfo:
+            parse_config(TokenizeDataConfig, argv)
+        assert excinfo.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "error" in err
+
+
+def test_model_overrides_apply_on_top_of_preset() -> None:
+    config, overrides = parse_config(TrainConfig, ["--model", "tiny", "--dim", "64", "--tie_embeddings"],
+                                     with_model_args=True)
+    args = model_args_from_preset(config.model, **overrides)
+    assert args.dim == 64 and args.tie_embeddings is True
+    assert args.n_layers == MODEL_PRESETS["tiny"]["n_layers"]
+
+
+def test_every_preset_is_a_valid_model() -> None:
+    for name in MODEL_PRESETS:
+        assert isinstance(model_args_from_preset(name), ModelArgs)
+
+
+@pytest.mark.parametrize("script_name", sorted(SCRIPTS))
+def test_help_lists_every_option_with_default(script_name: str, script) -> None:
+    result = script(script_name, "--help", timeout=120)
+    assert result.returncode == 0, result.stderr
+    help_text = " ".join(result.stdout.split())  # argparse wraps lines
+    cls, with_model = SCRIPTS[script_name]
+    fields = list(dataclasses.fields(cls)) + (list(dataclasses.fields(ModelArgs)) if with_model else [])
+    for f in fields:
+        assert f"--{f.name}" in help_text, f"{script_name} --help lacks --{f.name}"
+    assert help_text.count("(default:") >= len(fields)
+    for flag in DOCUMENTED_FLAGS[script_name].split():
+        assert f"--{flag}" in help_text
+
+
+def test_builtin_corpus_loads_offline_with_more_than_a_megabyte() -> None:
+    documents = list(iter_documents(TrainTokenizerConfig(dataset_path_huggingface="builtin")))
+    assert documents == list(builtin_corpus_documents())
+    total = sum(len(d.encode("utf-8")) for d in documents)
+    assert total > 1_000_000
+    assert all(isinstance(d, str) and d for d in documents)
+
+
+def test_local_text_and_jsonl_sources(tmp_path) -> None:
+    (tmp_path / "a.txt").write_text("first paragraph\nstill first\n\nsecond paragraph\n", encoding="utf-8")
+    text_docs = list(iter_documents(TrainTokenizerConfig(dataset_path_huggingface=str(tmp_path / "a.txt"))))
+    assert "".join(text_docs).replace("\n", "") == "first paragraphstill firstsecond paragraph"
+    jsonl = tmp_path / "d.jsonl"
+    jsonl.write_text('{"text": "héllo"}\n{"text": "wörld"}\n', encoding="utf-8")
+    assert list(iter_documents(TrainTokenizerConfig(dataset_path_huggingface=str(jsonl)))) == ["héllo", "wörld"]
