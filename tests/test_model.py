@@ -1,5 +1,6 @@
 """model.py against independent references: naive MLA vs absorbed decode, causality, MoE dispatch vs a per-token
-loop, aux-loss-free balancing, meta-device construction, parameter counts."""
+loop (forward and gradients; the gate, group-limited routing and the shared expert included), aux-loss-free
+balancing, the sequence-wise balance loss, meta-device construction, parameter and FLOP counts."""
 from __future__ import annotations
 
 import pytest
@@ -7,9 +8,17 @@ import torch
 import torch.nn.functional as F
 
 from config import ModelArgs
-from model import Transformer
+from model import MoE, Experts, Transformer
 
-torch.set_num_threads(2)
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models: one thread is as fast, and never spins against the other tests' processes (two OpenMP threads
+    on a busy 2-core machine made each tiny float64 matmul wait for a scheduler slice: ~10 s per decode test)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 VOCAB = 97
 
@@ -116,3 +125,364 @@ def test_meta_construction_then_init_weights():
     loss = model(tokens, tokens)
     assert torch.isfinite(loss) and abs(loss.item() - torch.log(torch.tensor(float(VOCAB))).item()) < 1.0
     loss.backward()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Mixture of experts: the sorted dispatch, the gate and the shared expert against per-token loops
+
+
+def swiglu_ref(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor) -> torch.Tensor:
+    """One token through one SwiGLU with plain matmuls: x [D], w1/w3 [I, D], w2 [D, I]."""
+    a = w1 @ x
+    return w2 @ (a * torch.sigmoid(a) * (w3 @ x))
+
+
+def distinct_indices(n: int, k: int, allowed: list[int], gen: torch.Generator) -> torch.Tensor:
+    """[n, k] expert ids drawn from `allowed`, no repeat within a row (a top-k never repeats an expert)."""
+    rows = [torch.tensor(allowed)[torch.randperm(len(allowed), generator=gen)[:k]] for _ in range(n)]
+    return torch.stack(rows)
+
+
+def grads(out: torch.Tensor, inputs: list[torch.Tensor], probe: torch.Tensor) -> list[torch.Tensor]:
+    return list(torch.autograd.grad((out * probe).sum(), inputs, allow_unused=False))
+
+
+@pytest.mark.parametrize("n,k,allowed", [
+    (24, 3, [0, 2, 3, 5, 6]),        # experts 1, 4 and 7 (the last one too) get no token
+    (10, 1, [4]),                    # a single expert runs (one output slice, no concatenation)
+    (40, 2, list(range(8))),         # every expert
+])
+def test_experts_dispatch_matches_per_token_loop(n, k, allowed):
+    gen = torch.Generator().manual_seed(n)
+    E, D, inter = 8, 12, 7
+    experts = Experts(E, D, inter).double()
+    with torch.no_grad():
+        for p in experts.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64) * 0.5)
+    x = torch.randn(n, D, generator=gen, dtype=torch.float64, requires_grad=True)
+    weights = torch.rand(n, k, generator=gen, dtype=torch.float64).requires_grad_()
+    indices = distinct_indices(n, k, allowed, gen)
+    unused = sorted(set(range(E)) - set(allowed))
+    assert set(torch.bincount(indices.flatten(), minlength=E).eq(0).nonzero().flatten().tolist()) == set(unused)
+
+    got = experts(x, weights, indices)
+    w1, w2, w3 = (p.detach().clone().requires_grad_() for p in (experts.w1, experts.w2, experts.w3))
+    ref = torch.stack([sum(weights[t, j] * swiglu_ref(x[t], w1[e], w2[e], w3[e])
+                           for j, e in enumerate(indices[t].tolist())) for t in range(n)])
+    assert (got - ref).abs().max().item() < 1e-12
+
+    probe = torch.randn(n, D, generator=gen, dtype=torch.float64)
+    g_got = grads(got, [x, weights, experts.w1, experts.w2, experts.w3], probe)
+    g_ref = grads(ref, [x, weights, w1, w2, w3], probe)
+    for name, a, b in zip(("x", "weights", "w1", "w2", "w3"), g_got, g_ref):
+        assert (a - b).abs().max().item() < 1e-10, name
+    for g in g_got[2:]:                                   # experts without tokens get exactly zero gradient
+        assert g[unused].abs().max().item() == 0.0 if unused else True
+
+    # the counts MoE passes in (bincount of the indices) give the same result
+    again = experts(x, weights, indices, torch.bincount(indices.flatten(), minlength=E))
+    assert torch.equal(again, got)
+
+
+def naive_route(s: list[float], sel: list[float], args: ModelArgs) -> list[int]:
+    """Top-k experts by selection score `sel`, restricted to the n_limited_groups best groups when
+    n_expert_groups > 1 (a group's score: the sum of its two best selection scores, or its only one)."""
+    E, G = len(s), args.n_expert_groups
+    allowed = list(range(E))
+    if G > 1:
+        size = E // G
+        group_score = [sum(sorted(sel[g * size:(g + 1) * size], reverse=True)[:2]) for g in range(G)]
+        best_groups = sorted(range(G), key=lambda g: -group_score[g])[:args.n_limited_groups]
+        allowed = [e for e in range(E) if e // size in best_groups]
+    return sorted(allowed, key=lambda e: -sel[e])[:args.n_activated_experts]
+
+
+def naive_moe(moe: MoE, x: torch.Tensor, args: ModelArgs, params: dict[str, torch.Tensor]):
+    """Per-token reference of MoE.forward from the parameters in `params`: (output [N, D], weights [N, K],
+    indices [N, K], scores [N, E])."""
+    out, all_w, all_idx, all_scores = [], [], [], []
+    bias = moe.gate.bias.tolist()
+    for t in range(x.size(0)):
+        logits = params["gate"] @ x[t]                                          # [E]
+        if args.score_func == "softmax":
+            e = torch.exp(logits - logits.max())
+            s = e / e.sum()
+        else:
+            s = 1 / (1 + torch.exp(-logits))
+        chosen = naive_route(s.tolist(), [v + b for v, b in zip(s.tolist(), bias)], args)
+        w = s[chosen]
+        if args.score_func == "sigmoid":
+            w = w / w.sum()
+        w = w * args.route_scale
+        y = sum(w[j] * swiglu_ref(x[t], params["w1"][e], params["w2"][e], params["w3"][e])
+                for j, e in enumerate(chosen))
+        if args.n_shared_experts:
+            y = y + swiglu_ref(x[t], params["s1"], params["s2"], params["s3"])
+        out.append(y)
+        all_w.append(w)
+        all_idx.append(torch.tensor(chosen))
+        all_scores.append(s)
+    return torch.stack(out), torch.stack(all_w), torch.stack(all_idx), torch.stack(all_scores)
+
+
+MOE_VARIANTS = {
+    "softmax": dict(score_func="softmax", route_scale=1.5),
+    "sigmoid": dict(score_func="sigmoid", route_scale=2.5, n_shared_experts=2),
+    "softmax-groups": dict(score_func="softmax", n_activated_experts=3, n_expert_groups=4, n_limited_groups=2),
+    "sigmoid-groups": dict(score_func="sigmoid", route_scale=2.5, n_activated_experts=3, n_expert_groups=4,
+                           n_limited_groups=2, n_shared_experts=0),
+    "sigmoid-groups-of-one": dict(score_func="sigmoid", n_expert_groups=8, n_limited_groups=3),
+}
+
+
+def random_moe(seed: int, **kw) -> tuple[MoE, ModelArgs]:
+    args = small_args(dim=16, moe_inter_dim=6, **kw)
+    torch.manual_seed(seed)
+    moe = MoE(args).double()
+    with torch.no_grad():
+        for name, p in moe.named_parameters():
+            p.normal_(0.0, 0.6 if name == "gate.weight" else 0.4)
+        moe.gate.bias.normal_(0.0, 0.05)          # the balancing bias: it must steer the choice, never the weights
+    return moe, args
+
+
+@pytest.mark.parametrize("variant", list(MOE_VARIANTS))
+def test_moe_matches_naive_gate_and_per_token_loop(variant):
+    moe, args = random_moe(1, **MOE_VARIANTS[variant])
+    x = torch.randn(3, 16, args.dim, dtype=torch.float64, requires_grad=True)
+    got = moe(x)
+    weights, indices, scores = moe.gate(x.view(-1, args.dim))
+
+    live = {"gate": moe.gate.weight, "w1": moe.experts.w1, "w2": moe.experts.w2, "w3": moe.experts.w3}
+    if args.n_shared_experts:
+        live.update(s1=moe.shared_experts.w1.weight, s2=moe.shared_experts.w2.weight, s3=moe.shared_experts.w3.weight)
+    params = {k: v.detach().clone().requires_grad_() for k, v in live.items()}
+    ref, ref_w, ref_idx, ref_scores = naive_moe(moe, x.view(-1, args.dim), args, params)
+
+    assert torch.equal(indices, ref_idx)
+    assert (weights - ref_w).abs().max().item() < 1e-12
+    assert (scores - ref_scores).abs().max().item() < 1e-12
+    assert (got.view(-1, args.dim) - ref).abs().max().item() < 1e-12
+    # the configuration really exercises what it names: the bias and the group limit change some choices
+    unbiased = scores.topk(args.n_activated_experts, dim=-1)[1]
+    biased = (scores + moe.gate.bias).topk(args.n_activated_experts, dim=-1)[1]
+    assert (unbiased != indices).any()
+    if args.n_routed_experts // args.n_expert_groups > 1:
+        assert (biased != indices).any() if args.n_expert_groups > 1 else torch.equal(biased, indices)
+    else:                   # groups of one expert (the amax branch), n_limited_groups >= k: plain top-k
+        assert torch.equal(biased, indices)
+
+    probe = torch.randn_like(ref)
+    names = list(live)
+    g_got = grads(got.view(-1, args.dim), [x, *live.values()], probe)
+    g_ref = grads(ref, [x, *params.values()], probe)
+    for name, a, b in zip(["x", *names], g_got, g_ref):
+        assert (a - b).abs().max().item() < 1e-10, name
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Auxiliary-loss-free balancing
+
+
+@pytest.mark.parametrize("score_func,groups", [("softmax", (1, 1)), ("sigmoid", (1, 1)), ("sigmoid", (4, 2))])
+def test_aux_loss_free_balancing_evens_out_a_skewed_router(score_func, groups):
+    """Tokens share a common direction u and the router's rows for experts 0 and 1 point along it, so those two
+    win nearly every token. Training-mode forwards + update_balance_bias alone (no gradient step) must even the
+    load out; the bias changes which experts are chosen, never the weights they get."""
+    torch.manual_seed(7)
+    args = small_args(n_layers=1, n_dense_layers=0, score_func=score_func, n_expert_groups=groups[0],
+                      n_limited_groups=groups[1], bias_update_speed=0.002)
+    model = Transformer(args)
+    model.init_weights()
+    D = args.dim
+    u = F.normalize(torch.randn(D), dim=0)
+    moe = model.layers[0].ffn
+    with torch.no_grad():
+        model.embed.weight.normal_(0.0, 1.0).add_(3.0 * u)
+        moe.gate.weight.normal_(0.0, D ** -0.5)            # token-dependent router logits of spread ~1
+        moe.gate.weight[:2] += u                            # experts 0 and 1: about +3 on every token
+    tokens = torch.randint(0, VOCAB, (8, 64))
+    seen = []
+    moe.register_forward_pre_hook(lambda mod, inp: seen.append(inp[0].detach().reshape(-1, D)))
+
+    with torch.no_grad():
+        model.eval()
+        model(tokens)
+        assert model.expert_load().sum().item() == 0       # eval forwards are not counted
+        model.train()
+        loads = []
+        for _ in range(300):
+            model(tokens)
+            loads.append(model.expert_load()[0].double())
+            model.update_balance_bias()
+            assert model.expert_load().sum().item() == 0   # the counts restart after every update
+    loads = torch.stack(loads)                              # [updates, E]
+    assert (loads.sum(dim=1) == tokens.numel() * args.n_activated_experts).all()   # no token is dropped
+    ratio = loads.amax(dim=1) / loads.mean(dim=1)
+    tail = loads[-50:].sum(dim=0)
+    assert ratio[0].item() > 2.5
+    assert (tail.max() / tail.mean()).item() < 1.3          # the load over the last 50 batches
+    assert ratio[-50:].max().item() < 1.8                   # and every single batch's
+    bias = moe.gate.bias
+    assert bias[:2].mean() < bias[2:].mean() - 0.1          # the favoured experts were pushed down
+
+    # the bias steers the selection only: the weights are the unbiased scores at the chosen experts
+    x = seen[-1]
+    weights, indices, scores = moe.gate(x)
+    logits = x @ moe.gate.weight.t()
+    plain = logits.softmax(dim=-1) if score_func == "softmax" else logits.sigmoid()
+    assert (scores - plain).abs().max().item() < 1e-6
+    expect = plain.gather(1, indices)
+    if score_func == "sigmoid":
+        expect = expect / expect.sum(dim=-1, keepdim=True)
+    assert (weights - expect * args.route_scale).abs().max().item() < 1e-6
+    unbiased_choice = plain.topk(args.n_activated_experts, dim=-1)[1].sort(dim=-1)[0]
+    assert (unbiased_choice != indices.sort(dim=-1)[0]).any(dim=-1).float().mean().item() > 0.3
+
+    # speed 0: the counts still reset, the bias stays
+    model.args.bias_update_speed = 0.0
+    before = bias.clone()
+    model(tokens)
+    model.update_balance_bias()
+    assert torch.equal(bias, before) and model.expert_load().sum().item() == 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sequence-wise auxiliary balance loss
+
+
+def aux_loss_ref(scores: torch.Tensor, indices: torch.Tensor, E: int, K: int, alpha: float) -> torch.Tensor:
+    """alpha * sum_i f_i P_i per sequence, averaged over sequences, with explicit loops (DeepSeek-V3 eq. 17-20):
+    f_i = E / (K T) * #{t : i chosen at t}, P_i = 1/T * sum_t s_{t,i} / sum_j s_{t,j}."""
+    B, T, _ = scores.shape
+    total = 0.0
+    for b in range(B):
+        per_seq = 0.0
+        for i in range(E):
+            hits = sum(1 for t in range(T) if i in indices[b, t].tolist())
+            f = E / (K * T) * hits
+            P = sum(scores[b, t, i] / scores[b, t].sum() for t in range(T)) / T
+            per_seq = per_seq + f * P
+        total = total + alpha * per_seq
+    return total / B
+
+
+@pytest.mark.parametrize("score_func", ["softmax", "sigmoid"])
+def test_sequence_aux_loss_matches_hand_computation(score_func):
+    gen = torch.Generator().manual_seed(3)
+    B, T, E, K, alpha = 3, 10, 8, 3, 0.01
+    moe, args = random_moe(2, score_func=score_func, n_activated_experts=K, aux_loss_alpha=alpha)
+    logits = torch.randn(B, T, E, generator=gen, dtype=torch.float64) * 2
+    scores = (logits.softmax(-1) if score_func == "softmax" else logits.sigmoid()).requires_grad_()
+    indices = distinct_indices(B * T, K, list(range(E)), gen).view(B, T, K)
+    got = moe.sequence_aux_loss(scores, indices)
+    ref = aux_loss_ref(scores, indices, E, K, alpha)
+    assert abs(got.item() - ref.item()) < 1e-14
+    g_got, = torch.autograd.grad(got, scores)
+    g_ref, = torch.autograd.grad(ref, scores)
+    assert (g_got - g_ref).abs().max().item() < 1e-14
+    # perfectly even routing and uniform affinities: f_i = 1 and P_i = 1/E, so the loss is alpha
+    flat = torch.full((1, E, E), 1.0 / E, dtype=torch.float64)
+    even = torch.arange(E * K).remainder(E).view(1, E, K)
+    assert abs(moe.sequence_aux_loss(flat, even).item() - alpha) < 1e-15
+
+    # inside MoE.forward (training mode only), from the gate's own unbiased scores and biased choice
+    x = torch.randn(B, T, args.dim, generator=gen, dtype=torch.float64)
+    moe.eval()
+    moe(x)
+    assert moe.aux_loss is None
+    moe.train()
+    moe(x)
+    _, idx, s = moe.gate(x.view(-1, args.dim))
+    ref = aux_loss_ref(s.view(B, T, E), idx.view(B, T, K), E, K, alpha)
+    assert abs(moe.aux_loss.item() - ref.item()) < 1e-14
+
+
+def test_training_loss_adds_every_layers_aux_loss():
+    model = build(torch.float64, aux_loss_alpha=0.03, n_layers=3, n_dense_layers=1).train()
+    tokens = torch.randint(0, VOCAB, (2, 12))
+    targets = torch.randint(0, VOCAB, (2, 12))
+    targets[0, :3] = -1
+    routes = []
+    for moe in model.moe_layers():
+        moe.gate.register_forward_hook(lambda mod, inp, out: routes.append((out[1], out[2])))
+    loss = model(tokens, targets)
+    assert len(routes) == 2
+    aux = sum(aux_loss_ref(s.view(2, 12, -1), idx.view(2, 12, -1), 8, 2, 0.03) for idx, s in routes)
+    logits = model(tokens)
+    ce = F.cross_entropy(logits.view(-1, VOCAB), targets.view(-1), ignore_index=-1)
+    assert aux.item() > 0.03     # two layers, each at least alpha-ish
+    assert abs(loss.item() - (ce + aux).item()) < 1e-12
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Parameter and FLOP accounting
+
+
+def count_ref(a: ModelArgs) -> tuple[int, int, int]:
+    """(num_params(), num_params(active=True), every stored parameter) from the architecture formula."""
+    D, H, V = a.dim, a.n_heads, a.vocab_size
+    if a.attn_type == "mla":
+        qk = a.qk_nope_head_dim + a.qk_rope_head_dim
+        q = D * H * qk if a.q_lora_rank == 0 else D * a.q_lora_rank + a.q_lora_rank + a.q_lora_rank * H * qk
+        kv = D * (a.kv_lora_rank + a.qk_rope_head_dim) + a.kv_lora_rank \
+            + a.kv_lora_rank * H * (a.qk_nope_head_dim + a.v_head_dim)
+        attn = q + kv + H * a.v_head_dim * D
+    else:
+        hd, kvh = a.head_dim or D // H, a.n_kv_heads or H
+        attn = D * H * hd + 2 * D * kvh * hd + H * hd * D
+    expert = 3 * D * a.moe_inter_dim
+    dense_ffn = 3 * D * a.inter_dim
+    moe_ffn = a.n_routed_experts * D + a.n_routed_experts * expert + a.n_shared_experts * expert
+    n_moe = a.n_layers - min(a.n_dense_layers, a.n_layers)
+    body = a.n_layers * (attn + 2 * D) + (a.n_layers - n_moe) * dense_ffn + n_moe * moe_ffn + D
+    total = body + V * D                              # the head (or the tied embedding, counted once)
+    active = total - n_moe * (a.n_routed_experts - a.n_activated_experts) * expert
+    stored = body + V * D * (1 if a.tie_embeddings else 2)
+    return total, active, stored
+
+
+def flops_ref(a: ModelArgs, seq_len: int) -> float:
+    """Training FLOPs per token = 3 x forward; forward = 2 FLOPs per active matmul weight + per layer the score
+    product q.k (2 * qk per head per attended key) and the value product p.v (2 * v per head per attended key)."""
+    _, active, _ = count_ref(a)
+    forward = 2.0 * active
+    for layer in range(a.n_layers):
+        windowed = a.sliding_window > 0 and (not a.sliding_window_layers or
+                                             str(layer) in a.sliding_window_layers.split(","))
+        keys = min(seq_len, a.sliding_window) if windowed else seq_len
+        if a.attn_type == "mla":
+            qk_dim, v_dim = a.qk_nope_head_dim + a.qk_rope_head_dim, a.v_head_dim
+        else:
+            qk_dim = v_dim = a.head_dim or a.dim // a.n_heads
+        forward += a.n_heads * keys * (2 * qk_dim + 2 * v_dim)
+    return 3.0 * forward
+
+
+COUNT_VARIANTS = {
+    "mla": dict(),
+    "mla-qlora": dict(q_lora_rank=12),
+    "mla-tied": dict(tie_embeddings=True),
+    "mla-qlora-tied-window": dict(q_lora_rank=12, tie_embeddings=True, sliding_window=5, sliding_window_layers="0,2"),
+    "mla-groups-2shared": dict(n_routed_experts=12, n_activated_experts=3, n_expert_groups=4, n_limited_groups=2,
+                               n_shared_experts=2, n_layers=4, n_dense_layers=2),
+    "dense": dict(n_dense_layers=3),
+    "gqa-window": dict(attn_type="mha", n_kv_heads=2, head_dim=6, sliding_window=4),
+}
+
+
+@pytest.mark.parametrize("variant", list(COUNT_VARIANTS))
+def test_num_params_and_flops_match_the_architecture_formula(variant):
+    args = small_args(**COUNT_VARIANTS[variant])
+    with torch.device("meta"):
+        model = Transformer(args)
+    total, active, stored = count_ref(args)
+    assert sum(p.numel() for p in model.parameters()) == stored
+    assert model.num_params() == total
+    assert model.num_params(active=True) == active
+    if args.n_dense_layers >= args.n_layers:
+        assert active == total
+    else:
+        assert active < total
+    for seq_len in (3, 64):
+        assert model.flops_per_token(seq_len) == pytest.approx(flops_ref(args, seq_len), rel=1e-12)
