@@ -77,6 +77,14 @@ class ModelArgs:
             if self.n_routed_experts % max(self.n_expert_groups, 1):
                 problems.append(f"n_routed_experts={self.n_routed_experts} is not divisible by "
                                 f"n_expert_groups={self.n_expert_groups}")
+            elif self.n_expert_groups > 1 and not 1 <= self.n_limited_groups <= self.n_expert_groups:
+                problems.append(f"n_limited_groups={self.n_limited_groups} must be between 1 and "
+                                f"n_expert_groups={self.n_expert_groups}")
+            elif (self.n_expert_groups > 1 and self.n_limited_groups * (self.n_routed_experts // self.n_expert_groups)
+                  < self.n_activated_experts):
+                problems.append(f"n_limited_groups={self.n_limited_groups} groups of "
+                                f"{self.n_routed_experts // self.n_expert_groups} experts cannot hold "
+                                f"n_activated_experts={self.n_activated_experts}")
         if self.n_kv_heads and self.n_heads % self.n_kv_heads:
             problems.append(f"n_heads={self.n_heads} is not divisible by n_kv_heads={self.n_kv_heads}")
         if problems:
@@ -93,22 +101,28 @@ class ModelArgs:
 
 
 # Named presets: a preset is a set of ModelArgs overrides; any field can still be overridden by its own flag.
+# DeepSeek-V3's sigmoid router (so the models export to HF's DeepseekV3). Its bias step of 0.001 balances over
+# DeepSeek's very long runs; in a run of a few hundred steps the router collapses onto top-k experts (load max/mean
+# ~3.9 of a possible 4 for 2-of-8, from step 10 to the end of a 150-step tiny run) before the bias catches up, while
+# 0.01 brings it back to ~1.2 by step 70 with the same validation loss.
+SMALL_MOE_ROUTING: dict[str, Any] = dict(score_func="sigmoid", bias_update_speed=0.01)
+
 MODEL_PRESETS: dict[str, dict[str, Any]] = {
     # trains on 2 CPU cores in minutes (about 1.5M parameters with a 4k vocabulary)
     "tiny": dict(dim=128, inter_dim=384, moe_inter_dim=128, n_layers=4, n_dense_layers=1, n_heads=4,
                  max_seq_len=256, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=16,
-                 n_routed_experts=8, n_shared_experts=1, n_activated_experts=2),
+                 n_routed_experts=8, n_shared_experts=1, n_activated_experts=2, **SMALL_MOE_ROUTING),
     # the tiny shape with dense feed-forward layers only
     "tiny-dense": dict(dim=128, inter_dim=384, n_layers=4, n_dense_layers=4, n_heads=4, max_seq_len=256,
                        kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=16),
     # about 24M parameters with a 32k vocabulary: the size benchmarked against HF transformers on CPU
     "small-moe": dict(dim=256, inter_dim=1024, moe_inter_dim=256, n_layers=4, n_dense_layers=1, n_heads=8,
                       max_seq_len=256, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=32, v_head_dim=32,
-                      n_routed_experts=8, n_shared_experts=1, n_activated_experts=2),
+                      n_routed_experts=8, n_shared_experts=1, n_activated_experts=2, **SMALL_MOE_ROUTING),
     # about 30M parameters with a 32k vocabulary (more experts, a bit deeper)
     "moe-30m": dict(dim=256, inter_dim=1024, moe_inter_dim=256, n_layers=6, n_dense_layers=1, n_heads=8,
                     max_seq_len=512, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=32, v_head_dim=32,
-                    n_routed_experts=16, n_shared_experts=1, n_activated_experts=2),
+                    n_routed_experts=16, n_shared_experts=1, n_activated_experts=2, **SMALL_MOE_ROUTING),
     # GPT-2-small class: 12 x 768, dense
     "gpt2-small": dict(dim=768, inter_dim=2048, n_layers=12, n_dense_layers=12, n_heads=12, max_seq_len=1024,
                        q_lora_rank=0, kv_lora_rank=256, qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64),
@@ -368,3 +382,75 @@ def run_main(main: typing.Callable[[], Any]) -> None:
 
 def dump_json(obj: Any) -> str:
     return json.dumps(obj, indent=2, sort_keys=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The README's option tables are generated from the dataclasses too: `python config.py --readme README.md`
+# rewrites every block between `<!-- options: NAME -->` and `<!-- /options -->` (tests check it is current).
+
+
+def _shown(value: Any) -> str:
+    return '`""`' if value == "" else f"`{value}`"
+
+
+def options_markdown(cls: type) -> str:
+    """A markdown table of a dataclass's flags: name, default, meaning."""
+    rows = ["| flag | default | meaning |", "| --- | --- | --- |"]
+    for f in dataclasses.fields(cls):
+        help_text = f.metadata.get("help", "").replace("|", "\\|")
+        if f.metadata.get("choices"):
+            help_text += " (one of: " + ", ".join(f"`{c}`" for c in f.metadata["choices"]) + ")"
+        rows.append(f"| `--{f.name}` | {_shown(f.default)} | {help_text} |")
+    return "\n".join(rows)
+
+
+def presets_markdown() -> str:
+    """A markdown table of the model presets: the fields any preset sets, one column per preset."""
+    names = list(MODEL_PRESETS)
+    models = {name: model_args_from_preset(name) for name in names}
+    fields = [f.name for f in dataclasses.fields(ModelArgs)
+              if any(f.name in MODEL_PRESETS[name] for name in names)]
+    rows = ["| field | " + " | ".join(f"`{n}`" for n in names) + " |", "| --- |" + " --- |" * len(names)]
+    for name in fields:
+        rows.append(f"| `{name}` | " + " | ".join(str(getattr(models[n], name)) for n in names) + " |")
+    return "\n".join(rows)
+
+
+def readme_blocks() -> dict[str, str]:
+    """Every generated README block by name (the scripts' own dataclasses are imported here, lazily)."""
+    from data_loader import CheckDataConfig
+    from tokenizer import InspectTokenizerConfig
+
+    blocks = {"train_tokenizer.py": TrainTokenizerConfig, "tokenize_data.py": TokenizeDataConfig,
+              "train.py": TrainConfig, "model": ModelArgs, "generate.py": GenerateConfig,
+              "hf_interop.py": ExportConfig, "data_loader.py": CheckDataConfig, "tokenizer.py": InspectTokenizerConfig}
+    out = {name: options_markdown(cls) for name, cls in blocks.items()}
+    out["presets"] = presets_markdown()
+    return out
+
+
+def render_readme(text: str) -> str:
+    """text with every `<!-- options: NAME -->` ... `<!-- /options -->` block replaced by the generated one."""
+    import re
+
+    blocks = readme_blocks()
+
+    def replace(match: "re.Match[str]") -> str:
+        name = match.group(1)
+        if name not in blocks:
+            raise ConfigError(f"README block '{name}' is unknown; known: {', '.join(blocks)}")
+        return f"<!-- options: {name} -->\n{blocks[name]}\n<!-- /options -->"
+
+    return re.sub(r"<!-- options: (\S+) -->.*?<!-- /options -->", replace, text, flags=re.S)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--readme":
+        from pathlib import Path
+
+        readme = Path(sys.argv[2])
+        readme.write_text(render_readme(readme.read_text(encoding="utf-8")), encoding="utf-8")
+        print(f"updated the option tables in {readme}")
+    else:
+        for block_name, block in readme_blocks().items():
+            print(f"<!-- options: {block_name} -->\n{block}\n<!-- /options -->\n")

@@ -294,10 +294,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         model.to(dtype)
         if hasattr(model, "init_buffers"):  # Module.to also casts the complex RoPE table to a real dtype
             model.init_buffers()
-    tok = tokenizer_mod.load_tokenizer(cfg)
-    stored = (meta or {}).get("tokenizer") or {}
-    if stored.get("fingerprint"):
-        tokenizer_mod.check_fingerprint(tok, stored["fingerprint"], f"the checkpoint {step_dir}")
+    tok = tokenizer_mod.load_recorded_tokenizer(cfg, (meta or {}).get("tokenizer"), f"the checkpoint {step_dir}")
     model_vocab = model.args.vocab_size
     if tok.vocab_size > model_vocab:
         raise UserError(f"the tokenizer has {tok.vocab_size} tokens but the model only {model_vocab}: "

@@ -43,7 +43,6 @@ RoPE: our rotary dimensions are DeepSeek's interleaved pairs (x0,x1),(x2,x3)...;
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import re
@@ -727,8 +726,10 @@ def load_hf_model(folder: Path | str, device: str | torch.device = "cpu",
     model.init_buffers(torch.device(device))
     if dtype is not None:
         model.to(dtype)
-    meta = {"model_args": args.to_dict(), "tokenizer": folder_tokenizer_meta(folder), "source": "hf",
-            "hf_folder": str(folder)}
+    tokenizer_meta = folder_tokenizer_meta(folder)
+    if tokenizer_meta is not None:  # where generate.py finds it without a tokenizer flag
+        tokenizer_meta["path"] = str((folder / "tokenizer.json").resolve())
+    meta = {"model_args": args.to_dict(), "tokenizer": tokenizer_meta, "source": "hf", "hf_folder": str(folder)}
     return model.eval(), meta
 
 
@@ -751,11 +752,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if cfg.save_tokenizer:
         import tokenizer as tokenizer_mod
 
-        opts = cfg
-        stored_kind = (meta.get("tokenizer") or {}).get("kind")
-        if stored_kind == "mistral" and not cfg.load_mistral_tokenizer:
-            opts = dataclasses.replace(cfg, load_mistral_tokenizer=True)  # the checkpoint says which one
-        tok = tokenizer_mod.load_tokenizer(opts)
+        tok = tokenizer_mod.load_recorded_tokenizer(cfg, meta.get("tokenizer"), f"the checkpoint {step_dir}")
     out = export_hf(step_dir, cfg.output_dir, tok, max_shard_size=cfg.max_shard_size, overwrite=cfg.overwrite,
                     dtype=_DTYPES[cfg.dtype])
     files = sorted(p.name for p in out.iterdir())

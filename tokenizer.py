@@ -19,6 +19,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import dataclasses
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -158,6 +159,29 @@ def load_tokenizer(opts: TokenizerOptions) -> Tokenizer:
     if opts.load_mistral_tokenizer:
         return load_mistral_tokenizer(opts.mistral_tokenizer_path)
     return load_trained_tokenizer(opts.tokenizer_path)
+
+
+def load_recorded_tokenizer(opts: TokenizerOptions, recorded: dict[str, Any] | None, what: str) -> Tokenizer:
+    """The tokenizer that `what` (a checkpoint) was made with. It records the kind, fingerprint and file of its
+    tokenizer: a Mistral checkpoint loads Mistral's tokenizer without --load_mistral_tokenizer, and when the
+    tokenizer the options name does not exist, the recorded file is used instead, so that generate.py and the
+    export need no tokenizer flag beside the checkpoint. The fingerprint is always checked."""
+    recorded = recorded or {}
+    mistral = opts.load_mistral_tokenizer or recorded.get("kind") == "mistral"
+    named = opts.mistral_tokenizer_path if mistral else opts.tokenizer_path
+    stored_path = recorded.get("path")
+    if not _resolve(named).exists() and stored_path and Path(stored_path).is_file():
+        named = stored_path
+    field = "mistral_tokenizer_path" if mistral else "tokenizer_path"
+    opts = dataclasses.replace(opts, load_mistral_tokenizer=mistral, **{field: named})
+    tokenizer = load_tokenizer(opts)
+    check_fingerprint(tokenizer, recorded.get("fingerprint"), what)
+    return tokenizer
+
+
+def recorded_tokenizer(tokenizer: Tokenizer) -> dict[str, Any]:
+    """What checkpoints and shard folders record about their tokenizer (see load_recorded_tokenizer)."""
+    return {**tokenizer.describe(), "path": str(Path(tokenizer.source).resolve()) if tokenizer.source else ""}
 
 
 def _resolve(path: str | Path) -> Path:

@@ -60,6 +60,18 @@ def test_model_overrides_apply_on_top_of_preset() -> None:
     assert args.n_layers == MODEL_PRESETS["tiny"]["n_layers"]
 
 
+@pytest.mark.parametrize("overrides, needle", [
+    (dict(n_routed_experts=8, n_expert_groups=4, n_limited_groups=1, n_activated_experts=3), "cannot hold"),
+    (dict(n_routed_experts=8, n_expert_groups=4, n_limited_groups=5), "between 1 and"),
+    (dict(n_routed_experts=8, n_expert_groups=3), "not divisible"),
+    (dict(n_routed_experts=4, n_activated_experts=5), "exceeds"),
+])
+def test_impossible_routing_is_a_config_error(overrides: dict, needle: str) -> None:
+    from config import ConfigError
+    with pytest.raises(ConfigError, match=needle):
+        ModelArgs(**overrides)
+
+
 def test_every_preset_is_a_valid_model() -> None:
     for name in MODEL_PRESETS:
         assert isinstance(model_args_from_preset(name), ModelArgs)
@@ -94,3 +106,18 @@ def test_local_text_and_jsonl_sources(tmp_path) -> None:
     jsonl = tmp_path / "d.jsonl"
     jsonl.write_text('{"text": "héllo"}\n{"text": "wörld"}\n', encoding="utf-8")
     assert list(iter_documents(TrainTokenizerConfig(dataset_path_huggingface=str(jsonl)))) == ["héllo", "wörld"]
+
+
+def test_readme_option_tables_are_current() -> None:
+    """The README's option tables are generated from the dataclasses; a stale table fails here."""
+    from config import readme_blocks, render_readme
+    from conftest import ROOT
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert render_readme(readme) == readme, "README.md is stale: run `python config.py --readme README.md`"
+    for name in readme_blocks():
+        assert f"<!-- options: {name} -->" in readme
+    for script_name, (cls, _) in SCRIPTS.items():  # every option of every script, with its default, in its table
+        section = readme.split(f"<!-- options: {script_name} -->")[1].split("<!-- /options -->")[0]
+        for f in dataclasses.fields(cls):
+            assert f"| `--{f.name}` |" in section

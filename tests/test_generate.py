@@ -271,8 +271,9 @@ def tiny_run(tmp_path_factory):
     args = model_args_from_preset("tiny", vocab_size=tok.vocab_size, max_seq_len=64, init_std=0.1)
     model = Transformer(args)
     model.init_weights()
-    meta = {"model_args": args.to_dict(), "train_config": {},
-            "tokenizer": {"kind": tok.kind, "fingerprint": tok.fingerprint, "vocab_size": tok.vocab_size}}
+    from tokenizer import recorded_tokenizer
+
+    meta = {"model_args": args.to_dict(), "train_config": {}, "tokenizer": recorded_tokenizer(tok)}
     save_checkpoint(root / "ckpt", 3, model, None, meta, {}, keep=1)
     (root / "empty").mkdir()
     return dict(root=root, tok=tok)
@@ -338,3 +339,13 @@ def test_cli_errors_are_one_line(script, tiny_run):
                            str(root / "tokenizer"), cwd=root, env=ENV), "no checkpoint")
     _one_line_error(script("generate.py", "--save_file_name", str(root / "ckpt"), "--tokenizer_path",
                            str(root / "other_tokenizer"), cwd=root, env=ENV), "fingerprint")
+
+
+def test_cli_finds_the_tokenizer_the_checkpoint_records(script, tiny_run):
+    """Run from a folder without a tokenizer/ and no tokenizer flag: the checkpoint's recorded file is used."""
+    root = tiny_run["root"]
+    args = ("--input_text", "The cat", "--num_tokens_to_generate", "6", "--temperature", "0")
+    recorded = script("generate.py", "--save_file_name", str(root / "ckpt"), *args, cwd=root / "empty", env=ENV)
+    assert recorded.returncode == 0, recorded.stderr
+    explicit = _gen(script, tiny_run, *args)
+    assert recorded.stdout.split("\n\n[")[0] == explicit.stdout.split("\n\n[")[0]

@@ -388,7 +388,7 @@ def test_trained_model_exports_and_transformers_generates_from_it(tmp_path, caps
     theirs = hf.generate(**ids, max_new_tokens=12, do_sample=False)[0, ids["input_ids"].shape[1]:].tolist()
 
     model, meta = checkpoint.load_model(out)  # import goes back through hf_interop
-    assert meta["tokenizer"] == tok.describe()
+    assert meta["tokenizer"] == {**tok.describe(), "path": str((out / "tokenizer.json").resolve())}
     assert hfi.load_folder_tokenizer(out).describe() == tok.describe()  # parsed again: the same identity
     trained = checkpoint.load_weights(checkpoint.resolve_checkpoint(tmp_path / "ckpt") / checkpoint.WEIGHTS_FILE)
     assert_state_dicts_identical(trained, model.state_dict())
