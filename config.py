@@ -107,35 +107,38 @@ class ModelArgs:
 # 0.01 brings it back to ~1.2 by step 70 with the same validation loss.
 SMALL_MOE_ROUTING: dict[str, Any] = dict(score_func="sigmoid", bias_update_speed=0.01)
 
+# From small-moe up, the latent cache (kv_lora_rank + qk_rope_head_dim numbers per token and layer) is 3/32 of the
+# model width, under a tenth of the 2 x dim that multi-head attention of the same width caches (DeepSeek-V3: 576 of
+# 2 x 7168). tiny keeps a wider latent (48 of 256): its cache is negligible and its quality matters more.
 MODEL_PRESETS: dict[str, dict[str, Any]] = {
-    # trains on 2 CPU cores in minutes (about 1.5M parameters with a 4k vocabulary)
+    # trains on 2 CPU cores in minutes (2.7M parameters with a 4k vocabulary, 1.3M active per token)
     "tiny": dict(dim=128, inter_dim=384, moe_inter_dim=128, n_layers=4, n_dense_layers=1, n_heads=4,
                  max_seq_len=256, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=16,
                  n_routed_experts=8, n_shared_experts=1, n_activated_experts=2, **SMALL_MOE_ROUTING),
     # the tiny shape with dense feed-forward layers only
     "tiny-dense": dict(dim=128, inter_dim=384, n_layers=4, n_dense_layers=4, n_heads=4, max_seq_len=256,
                        kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=16),
-    # about 24M parameters with a 32k vocabulary: the size benchmarked against HF transformers on CPU
+    # 24M parameters with a 32k vocabulary (12M active): the size benchmarked against HF transformers on CPU
     "small-moe": dict(dim=256, inter_dim=1024, moe_inter_dim=256, n_layers=4, n_dense_layers=1, n_heads=8,
-                      max_seq_len=256, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=32, v_head_dim=32,
+                      max_seq_len=256, kv_lora_rank=32, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
                       n_routed_experts=8, n_shared_experts=1, n_activated_experts=2, **SMALL_MOE_ROUTING),
-    # about 30M parameters with a 32k vocabulary (more experts, a bit deeper)
+    # 27M parameters without the embedding (36M with a 32k vocabulary): more experts, a bit deeper
     "moe-30m": dict(dim=256, inter_dim=1024, moe_inter_dim=256, n_layers=6, n_dense_layers=1, n_heads=8,
-                    max_seq_len=512, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=32, v_head_dim=32,
+                    max_seq_len=512, kv_lora_rank=32, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
                     n_routed_experts=16, n_shared_experts=1, n_activated_experts=2, **SMALL_MOE_ROUTING),
-    # GPT-2-small class: 12 x 768, dense
+    # GPT-2-small class: 12 x 768, dense (101M without the embedding)
     "gpt2-small": dict(dim=768, inter_dim=2048, n_layers=12, n_dense_layers=12, n_heads=12, max_seq_len=1024,
-                       q_lora_rank=0, kv_lora_rank=256, qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64),
-    # GPT-2-small width with fine-grained MoE (about 0.5B total, ~0.15B active)
+                       q_lora_rank=0, kv_lora_rank=128, qk_nope_head_dim=64, qk_rope_head_dim=16, v_head_dim=64),
+    # GPT-2-small width with fine-grained MoE: 0.49B without the embedding (0.52B with 32k), 0.15B active
     "moe-500m": dict(dim=768, inter_dim=2048, moe_inter_dim=512, n_layers=12, n_dense_layers=1, n_heads=12,
-                     max_seq_len=2048, q_lora_rank=384, kv_lora_rank=256, qk_nope_head_dim=64,
-                     qk_rope_head_dim=32, v_head_dim=64, n_routed_experts=64, n_shared_experts=2,
+                     max_seq_len=2048, q_lora_rank=384, kv_lora_rank=128, qk_nope_head_dim=64,
+                     qk_rope_head_dim=16, v_head_dim=64, n_routed_experts=32, n_shared_experts=2,
                      n_activated_experts=6, n_expert_groups=8, n_limited_groups=3, score_func="sigmoid",
                      route_scale=2.5),
-    # a 1.5B-total MoE in DeepSeek-V3's proportions
+    # DeepSeek-V3's proportions: 1.55B without the embedding (1.75B with Mistral's 131k vocabulary), 0.63B active
     "moe-1.5b": dict(dim=1536, inter_dim=4096, moe_inter_dim=512, n_layers=16, n_dense_layers=1, n_heads=16,
-                     max_seq_len=4096, q_lora_rank=768, kv_lora_rank=512, qk_nope_head_dim=128,
-                     qk_rope_head_dim=64, v_head_dim=128, n_routed_experts=64, n_shared_experts=2,
+                     max_seq_len=4096, q_lora_rank=768, kv_lora_rank=256, qk_nope_head_dim=128,
+                     qk_rope_head_dim=32, v_head_dim=128, n_routed_experts=32, n_shared_experts=2,
                      n_activated_experts=6, n_expert_groups=8, n_limited_groups=3, score_func="sigmoid",
                      route_scale=2.5),
 }

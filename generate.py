@@ -126,7 +126,7 @@ def generate(model: torch.nn.Module, prompts: Sequence[Sequence[int]], max_new_t
     if timings is not None:
         _sync(device)
         t0 = time.perf_counter()
-    logits = model(tokens[:, :prompt_len], start_pos=0, pad=pad)[:, -1]
+    logits = model(tokens[:, :prompt_len], start_pos=0, pad=pad, last_only=True)[:, -1]
     steps = 0
     t1 = None
     for i in range(max_new_tokens):

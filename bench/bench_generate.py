@@ -5,10 +5,9 @@ transformers' DeepseekV3ForCausalLM.generate on the same weights, greedy, in one
     python bench/bench_generate.py --compile             # also our decode step under torch.compile (inductor)
     python bench/bench_generate.py --contexts 128 --batches 1 --new_tokens 64
 
-The model is the "small-moe" preset (dim 256, 4 layers, 8 heads, kv_lora_rank 64, rope/nope/v 32, 8 routed experts
-top-2 + 1 shared, vocab 32768) with random weights; HF's model gets the same weights through hf_interop's mapping
-(or the built-in one below when hf_interop is not there). HF's router is always sigmoid, so by default both use
-score_func=sigmoid and compute the same function: the greedy tokens are compared as a check of the mapping.
+The model is the "small-moe" preset (dim 256, 4 layers, 8 heads, kv_lora_rank 32, rope 16, nope/v 32, 8 routed
+experts top-2 + 1 shared, vocab 32768, sigmoid router) with random weights; HF's model gets the same weights through
+hf_interop's export, so both compute the same function: the greedy tokens are compared as a check of the mapping.
 
 Also printed: the physical limit of batch-1 decoding (bytes of weights one token reads, fp32, divided by the memory
 bandwidth measured here with a large copy) and the cache bytes per token: ours, HF's, and multi-head attention of
@@ -133,76 +132,15 @@ def active_weight_bytes(model: torch.nn.Module, args: ModelArgs) -> tuple[int, i
 # HF model with the same weights
 
 
-def _builtin_hf_config_and_state(model: torch.nn.Module, args: ModelArgs):
-    """(DeepseekV3Config, HF in-memory state dict): the mapping used when hf_interop is not available."""
-    from transformers import DeepseekV3Config
-
-    cfg = DeepseekV3Config(
-        vocab_size=args.vocab_size, hidden_size=args.dim, intermediate_size=args.inter_dim,
-        moe_intermediate_size=args.moe_inter_dim, num_hidden_layers=args.n_layers,
-        num_attention_heads=args.n_heads, num_key_value_heads=args.n_heads, n_shared_experts=args.n_shared_experts,
-        n_routed_experts=args.n_routed_experts, routed_scaling_factor=args.route_scale,
-        kv_lora_rank=args.kv_lora_rank, q_lora_rank=args.q_lora_rank or None, qk_rope_head_dim=args.qk_rope_head_dim,
-        v_head_dim=args.v_head_dim, qk_nope_head_dim=args.qk_nope_head_dim, n_group=args.n_expert_groups,
-        topk_group=args.n_limited_groups, num_experts_per_tok=args.n_activated_experts,
-        first_k_dense_replace=args.n_dense_layers, norm_topk_prob=True, max_position_embeddings=args.max_seq_len,
-        rms_norm_eps=args.norm_eps, tie_word_embeddings=args.tie_embeddings, rope_interleave=True,
-        rope_parameters={"rope_type": "default", "rope_theta": args.rope_theta}, bos_token_id=1, eos_token_id=2,
-        pad_token_id=0)
-    sd = model.state_dict()
-    out = {"model.embed_tokens.weight": sd["embed.weight"], "model.norm.weight": sd["norm.weight"],
-           "lm_head.weight": sd["head.weight"]}
-    for i in range(args.n_layers):
-        p, q = f"layers.{i}.", f"model.layers.{i}."
-        out[q + "input_layernorm.weight"] = sd[p + "attn_norm.weight"]
-        out[q + "post_attention_layernorm.weight"] = sd[p + "ffn_norm.weight"]
-        a = q + "self_attn."
-        if args.q_lora_rank:
-            out[a + "q_a_proj.weight"] = sd[p + "attn.wq_a.weight"]
-            out[a + "q_a_layernorm.weight"] = sd[p + "attn.q_norm.weight"]
-            out[a + "q_b_proj.weight"] = sd[p + "attn.wq_b.weight"]
-        else:
-            out[a + "q_proj.weight"] = sd[p + "attn.wq.weight"]
-        out[a + "kv_a_proj_with_mqa.weight"] = sd[p + "attn.wkv_a.weight"]
-        out[a + "kv_a_layernorm.weight"] = sd[p + "attn.kv_norm.weight"]
-        out[a + "kv_b_proj.weight"] = sd[p + "attn.wkv_b.weight"]
-        out[a + "o_proj.weight"] = sd[p + "attn.wo.weight"]
-        m = q + "mlp."
-        if i < args.n_dense_layers:
-            out[m + "gate_proj.weight"] = sd[p + "ffn.w1.weight"]
-            out[m + "down_proj.weight"] = sd[p + "ffn.w2.weight"]
-            out[m + "up_proj.weight"] = sd[p + "ffn.w3.weight"]
-        else:
-            out[m + "gate.weight"] = sd[p + "ffn.gate.weight"]
-            out[m + "gate.e_score_correction_bias"] = sd[p + "ffn.gate.bias"]
-            out[m + "experts.gate_up_proj"] = torch.cat([sd[p + "ffn.experts.w1"], sd[p + "ffn.experts.w3"]], 1)
-            out[m + "experts.down_proj"] = sd[p + "ffn.experts.w2"]
-            out[m + "shared_experts.gate_proj.weight"] = sd[p + "ffn.shared_experts.w1.weight"]
-            out[m + "shared_experts.down_proj.weight"] = sd[p + "ffn.shared_experts.w2.weight"]
-            out[m + "shared_experts.up_proj.weight"] = sd[p + "ffn.shared_experts.w3.weight"]
-    return cfg, out
-
-
 def build_hf(model: torch.nn.Module, args: ModelArgs, device: torch.device, tmp_dir: Path):
-    """HF DeepseekV3ForCausalLM holding our weights: exported by hf_interop.write_hf_folder and read back with
-    from_pretrained (the real export path); the built-in mapping when hf_interop is missing."""
+    """HF DeepseekV3ForCausalLM holding our weights, exported by hf_interop.write_hf_folder and read back with
+    from_pretrained (the real export path)."""
+    import hf_interop
     from transformers import DeepseekV3ForCausalLM
 
-    try:
-        import hf_interop
-    except ImportError:
-        hf_interop = None
-    if hf_interop is not None:
-        folder = hf_interop.write_hf_folder(tmp_dir / "hf", args, model.state_dict(), overwrite=True)
-        hf = DeepseekV3ForCausalLM.from_pretrained(folder, attn_implementation="sdpa", dtype=torch.float32)
-        return hf.to(device).eval(), "hf_interop.write_hf_folder + from_pretrained"
-    cfg, state = _builtin_hf_config_and_state(model, args)
-    cfg._attn_implementation = "sdpa"
-    hf = DeepseekV3ForCausalLM(cfg)
-    missing, unexpected = hf.load_state_dict({k: v.detach().clone() for k, v in state.items()}, strict=False)
-    if unexpected or [m for m in missing if "rotary" not in m]:
-        raise RuntimeError(f"HF weights not mapped: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    return hf.to(device).eval(), "the bench's built-in mapping"
+    folder = hf_interop.write_hf_folder(tmp_dir / "hf", args, model.state_dict(), overwrite=True)
+    hf = DeepseekV3ForCausalLM.from_pretrained(folder, attn_implementation="sdpa", dtype=torch.float32)
+    return hf.to(device).eval(), "hf_interop.write_hf_folder + from_pretrained"
 
 
 def hf_cache_bytes(cache) -> int:
@@ -381,6 +319,12 @@ def main() -> None:
                     f"({results['HF']['cache'] / tokens_hf / args.n_layers:.0f} B/token/layer)"
         line += f" | MHA(width) {tokens_ours * args.n_layers * mha_width / 2**20:7.2f} MB"
         print(line)
+
+    batch1 = [ratio for ctx, bsz, name, _, _, ratio, *_ in rows if bsz == 1 and name == "ours"]
+    if batch1:
+        print(f"\ntargets: batch-1 decode >= 3x HF: {min(batch1):.2f}x at worst "
+              f"({'met' if min(batch1) >= 3 else 'NOT met'}); cache <= HF's and >= 10x smaller than MHA of the "
+              f"model width: {mha_width / ours_pt:.1f}x ({'met' if mha_width / ours_pt >= 10 else 'NOT met'})")
 
 
 if __name__ == "__main__":

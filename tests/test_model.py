@@ -70,6 +70,9 @@ def test_cached_decode_matches_naive_forward(variant, dtype, tol):
     ref = model(tokens)
     got = decode_logits(model, tokens, prompt_len=5)
     assert (got - ref).abs().max().item() < tol
+    model.setup_cache(3, 18)  # a prefill that keeps only the last position's logits (what generate.py asks for)
+    last = model(tokens[:, :7], start_pos=0, last_only=True)
+    assert last.shape == (3, 1, VOCAB) and (last[:, 0] - ref[:, 6]).abs().max().item() < tol
 
 
 @pytest.mark.parametrize("variant", list(ATTN_VARIANTS))
@@ -182,6 +185,39 @@ def test_experts_dispatch_matches_per_token_loop(n, k, allowed):
     # the counts MoE passes in (bincount of the indices) give the same result
     again = experts(x, weights, indices, torch.bincount(indices.flatten(), minlength=E))
     assert torch.equal(again, got)
+
+    # inference on one token (the decode path: its K experts only, no sorting) gives the reference too
+    with torch.no_grad():
+        for t in (0, n - 1):
+            one = experts(x[t:t + 1], weights[t:t + 1], indices[t:t + 1])
+            assert (one - ref[t:t + 1]).abs().max().item() < 1e-12
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+@pytest.mark.parametrize("rows", [1, 3, 8, 9])
+def test_linear_decode_path_equals_the_product(rows, threads):
+    """model.linear's CPU decode path (weight row blocks x x.T in one bmm) against float64 x @ W.T: values,
+    a contiguous row-major result, and F.linear itself whenever autograd needs the graph."""
+    from model import linear
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        gen = torch.Generator().manual_seed(rows * 10 + threads)
+        w = torch.randn(36, 20, generator=gen, dtype=torch.float64)
+        x = torch.randn(2, rows, 20, generator=gen, dtype=torch.float64)        # 2 * rows rows
+        with torch.no_grad():
+            y = linear(x, w)
+        assert y.shape == (2, rows, 36) and y.is_contiguous()
+        assert (y - x @ w.T).abs().max().item() < 1e-12
+        wg = w.clone().requires_grad_()
+        y = linear(x, wg)
+        y.sum().backward()
+        assert y.grad_fn is not None and torch.allclose(wg.grad, x.reshape(-1, 20).sum(0).expand(36, 20))
+        y32 = linear(x.float()[:, :1], w.float()[:35])                           # 35 rows: not divisible, F.linear
+        assert (y32.double() - x[:, :1] @ w[:35].T).abs().max().item() < 1e-4
+    finally:
+        torch.set_num_threads(before)
 
 
 def naive_route(s: list[float], sel: list[float], args: ModelArgs) -> list[int]:
