@@ -7,12 +7,14 @@ with its default and help text.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
+import os
 import sys
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Sequence, TypeVar
+from typing import Any, Iterator, Sequence, TypeVar
 
 
 def opt(default: Any, help: str, choices: Sequence[Any] | None = None) -> Any:
@@ -381,6 +383,20 @@ def run_main(main: typing.Callable[[], Any]) -> None:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         raise SystemExit(130)
+
+
+@contextlib.contextmanager
+def remove_new_folder_on_failure(folder: "os.PathLike[str] | str") -> Iterator[None]:
+    """Wrap a run that creates an output folder: when the run fails, the folder is removed again if it did not
+    exist before and is still empty, so a mistake leaves nothing behind."""
+    created = not os.path.exists(folder)
+    try:
+        yield
+    except BaseException:
+        if created:
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)
+        raise
 
 
 def dump_json(obj: Any) -> str:

@@ -75,7 +75,10 @@ def _load_local(path: Path, opts: DatasetOptions):
 
 def _load_hub(opts: DatasetOptions):
     import datasets
+    import huggingface_hub
 
+    # the hub client logs every failed retry on stderr; a failure becomes one UserError line (_hub_error) instead
+    huggingface_hub.utils.logging.set_verbosity_error()
     kwargs = {}
     if "trust_remote_code" in inspect.signature(datasets.load_dataset).parameters:
         kwargs["trust_remote_code"] = opts.trust_remote_code

@@ -43,7 +43,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from config import TokenizeDataConfig, UserError, parse_config, run_main
+from config import TokenizeDataConfig, UserError, parse_config, remove_new_folder_on_failure, run_main
 
 METADATA_FILE = "metadata.json"
 FORMAT_VERSION = 1
@@ -473,10 +473,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     os.environ["RAYON_NUM_THREADS"] = str(workers)
     os.environ["TOKENIZERS_PARALLELISM"] = "true" if workers > 1 else "false"
 
+    out_dir = Path(cfg.data_file_name).expanduser()
+    with remove_new_folder_on_failure(out_dir):
+        return _tokenize(cfg, out_dir, workers)
+
+
+def _tokenize(cfg: TokenizeDataConfig, out_dir: Path, workers: int) -> dict[str, Any]:
     import corpus
     from tokenizer import load_tokenizer
 
-    out_dir = Path(cfg.data_file_name).expanduser()
     prepare_output(out_dir, cfg.overwrite)
     tokenizer = load_tokenizer(cfg)
     source = corpus.describe_source(cfg)

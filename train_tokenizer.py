@@ -26,7 +26,7 @@ from tokenizers.trainers import BpeTrainer
 from tqdm import tqdm
 
 import corpus
-from config import TrainTokenizerConfig, UserError, parse_config, run_main
+from config import TrainTokenizerConfig, UserError, parse_config, remove_new_folder_on_failure, run_main
 from tokenizer import (BOS_TOKEN, EOS_TOKEN, METADATA_FILE, PAD_TOKEN, TOKENIZER_FILE, TRAINED_SPECIAL_TOKENS,
                        compute_fingerprint)
 
@@ -141,8 +141,9 @@ def metadata(tok: tokenizers.Tokenizer, cfg: TrainTokenizerConfig, chars: int) -
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_config(TrainTokenizerConfig, argv, description=__doc__.split("\n\n")[0])
     out = Path(cfg.output_path)
-    check_writable(out)
-    tok, chars = train(cfg)
+    with remove_new_folder_on_failure(out):
+        check_writable(out)
+        tok, chars = train(cfg)
     meta = metadata(tok, cfg, chars)
     atomic_write(out / TOKENIZER_FILE, tok.to_str(pretty=True))
     atomic_write(out / METADATA_FILE, json.dumps(meta, indent=2, sort_keys=True, ensure_ascii=False) + "\n")

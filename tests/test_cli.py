@@ -121,3 +121,13 @@ def test_readme_option_tables_are_current() -> None:
         section = readme.split(f"<!-- options: {script_name} -->")[1].split("<!-- /options -->")[0]
         for f in dataclasses.fields(cls):
             assert f"| `--{f.name}` |" in section
+
+
+def test_unreachable_hub_is_a_one_line_error(script, tmp_path) -> None:
+    """The hub is unreachable here (tests run offline): the real hub-loading path must fail with one line."""
+    result = script("train_tokenizer.py", "--dataset_path_huggingface", "someone/no-such-dataset",
+                    "--output_path", str(tmp_path / "tok"), timeout=300)
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: could not read dataset 'someone/no-such-dataset'"), lines
+    assert not (tmp_path / "tok").exists()
