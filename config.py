@@ -385,6 +385,21 @@ def run_main(main: typing.Callable[[], Any]) -> None:
         raise SystemExit(130)
 
 
+def make_writable_folder(folder: "os.PathLike[str] | str", flag: str) -> None:
+    """Create an output folder and check it can be written, before any long work rather than after it; a
+    problem is a UserError naming the flag to change."""
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise UserError(f"{flag} '{folder}' is a file, not a folder; choose another path")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        probe = os.path.join(folder, f".write-probe-{os.getpid()}")
+        open(probe, "wb").close()
+        os.remove(probe)
+    except OSError as error:
+        raise UserError(f"cannot write to the output folder '{folder}' ({type(error).__name__}: "
+                        f"{error.strerror or error}); choose a writable {flag}") from None
+
+
 @contextlib.contextmanager
 def remove_new_folder_on_failure(folder: "os.PathLike[str] | str") -> Iterator[None]:
     """Wrap a run that creates an output folder: when the run fails, the folder is removed again if it did not

@@ -43,7 +43,8 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from config import TokenizeDataConfig, UserError, parse_config, remove_new_folder_on_failure, run_main
+from config import (TokenizeDataConfig, UserError, make_writable_folder, parse_config, remove_new_folder_on_failure,
+                    run_main)
 
 METADATA_FILE = "metadata.json"
 FORMAT_VERSION = 1
@@ -432,16 +433,7 @@ def _is_our_file(name: str) -> bool:
 
 def prepare_output(out_dir: Path, overwrite: bool) -> None:
     """Create the output folder (or check it can be replaced) and make sure it is writable; deletes nothing."""
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UserError(f"--data_file_name '{out_dir}' is a file, not a folder; choose another path")
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        probe = out_dir / f".write-probe-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as error:
-        raise UserError(f"cannot write to the output folder '{out_dir}' ({type(error).__name__}: "
-                        f"{error.strerror or error}); choose a writable --data_file_name") from None
+    make_writable_folder(out_dir, "--data_file_name")
     existing = sorted(p.name for p in out_dir.iterdir())
     if existing and not overwrite:
         raise UserError(f"the output folder '{out_dir}' is not empty ({len(existing)} files, e.g. {existing[0]}); "

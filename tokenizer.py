@@ -223,6 +223,18 @@ def _backend_from_json(text: str, data: Any, path: Path, what: str) -> tuple[tok
     return backend, fingerprint
 
 
+def _required_ids(backend: tokenizers.Tokenizer, names: Sequence[str], file: Path, what: str, other_kind_token: str,
+                  other_kind_hint: str) -> dict[str, int]:
+    """The ids of the tokens a kind of tokenizer must have; a UserError naming the missing ones otherwise (with a
+    hint when the file holds other_kind_token, i.e. is the other kind of tokenizer)."""
+    ids = {name: backend.token_to_id(name) for name in names}
+    if None in ids.values():
+        missing = ", ".join(name for name, i in ids.items() if i is None)
+        hint = f" ({other_kind_hint})" if backend.token_to_id(other_kind_token) is not None else ""
+        raise UserError(f"'{file}' lacks the special tokens {missing}, so it is not {what}{hint}")
+    return ids
+
+
 def load_trained_tokenizer(path: str | Path) -> Tokenizer:
     """A tokenizer written by train_tokenizer.py: its folder, or the tokenizer.json inside it."""
     resolved = _resolve(path)
@@ -232,12 +244,8 @@ def load_trained_tokenizer(path: str | Path) -> Tokenizer:
                         f"--output_path {path}` first, pass --tokenizer_path, or use --load_mistral_tokenizer=True")
     what = "a tokenizer trained by train_tokenizer.py"
     backend, fingerprint = _backend_from_json(*_read_json(file, "tokenizer file"), file, what)
-    ids = {name: backend.token_to_id(name) for name in (PAD_TOKEN, BOS_TOKEN, EOS_TOKEN)}
-    if None in ids.values():
-        missing = ", ".join(name for name, i in ids.items() if i is None)
-        hint = (" (this looks like Mistral's tokenizer: use --load_mistral_tokenizer=True)"
-                if backend.token_to_id(MISTRAL_BOS) is not None else "")
-        raise UserError(f"'{file}' lacks the special tokens {missing}, so it is not {what}{hint}")
+    ids = _required_ids(backend, (PAD_TOKEN, BOS_TOKEN, EOS_TOKEN), file, what, MISTRAL_BOS,
+                        "this looks like Mistral's tokenizer: use --load_mistral_tokenizer=True")
     meta_file = file.parent / METADATA_FILE
     kind = "trained"
     if meta_file.is_file():
@@ -270,12 +278,8 @@ def load_mistral_tokenizer(path: str | Path) -> Tokenizer:
     else:
         backend, fingerprint = _backend_from_json(text, data, file, what)
     del text, data
-    ids = {name: backend.token_to_id(name) for name in (MISTRAL_UNK, MISTRAL_BOS, MISTRAL_EOS)}
-    if None in ids.values():
-        missing = ", ".join(name for name, i in ids.items() if i is None)
-        hint = (" (this looks like a tokenizer trained by train_tokenizer.py: drop --load_mistral_tokenizer)"
-                if backend.token_to_id(BOS_TOKEN) is not None else "")
-        raise UserError(f"'{file}' lacks the tokens {missing}, so it is not {what}{hint}")
+    ids = _required_ids(backend, (MISTRAL_UNK, MISTRAL_BOS, MISTRAL_EOS), file, what, BOS_TOKEN,
+                        "this looks like a tokenizer trained by train_tokenizer.py: drop --load_mistral_tokenizer")
     pad_id = backend.token_to_id(MISTRAL_PAD)
     if pad_id is None:
         pad_id = ids[MISTRAL_UNK]

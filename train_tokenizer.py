@@ -26,7 +26,8 @@ from tokenizers.trainers import BpeTrainer
 from tqdm import tqdm
 
 import corpus
-from config import TrainTokenizerConfig, UserError, parse_config, remove_new_folder_on_failure, run_main
+from config import (TrainTokenizerConfig, UserError, make_writable_folder, parse_config, remove_new_folder_on_failure,
+                    run_main)
 from tokenizer import (BOS_TOKEN, EOS_TOKEN, METADATA_FILE, PAD_TOKEN, TOKENIZER_FILE, TRAINED_SPECIAL_TOKENS,
                        compute_fingerprint)
 
@@ -61,18 +62,6 @@ def limited_documents(documents: Iterator[str], max_chars: int, progress: tqdm |
         if progress is not None:
             progress.update(len(text))
         yield text
-
-
-def check_writable(folder: Path) -> None:
-    """Fail before training (not after minutes of it) when the output folder can't be written."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".write_test.{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as error:
-        raise UserError(f"cannot write the tokenizer to '{folder}' ({error.strerror or error}); "
-                        f"pass a writable --output_path") from None
 
 
 def atomic_write(path: Path, text: str) -> None:
@@ -142,7 +131,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = parse_config(TrainTokenizerConfig, argv, description=__doc__.split("\n\n")[0])
     out = Path(cfg.output_path)
     with remove_new_folder_on_failure(out):
-        check_writable(out)
+        make_writable_folder(out, "--output_path")
         tok, chars = train(cfg)
     meta = metadata(tok, cfg, chars)
     atomic_write(out / TOKENIZER_FILE, tok.to_str(pretty=True))
