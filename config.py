@@ -266,7 +266,8 @@ class GenerateConfig(TokenizerOptions):
     max_seq_len: int = opt(0, "longest prompt + generation allowed; 0 means the model's max_seq_len")
     dtype: str = opt("auto", "compute dtype", choices=("auto", "fp32", "bf16", "fp16"))
     device: str = opt("auto", "cpu, cuda, or auto")
-    compile_model: bool = opt(False, "torch.compile the decode step")
+    compile_model: bool = opt(False, "torch.compile the decode step (for GPUs: on CPU the eager decode path is "
+                                     "faster, see bench/bench_generate.py --compile)")
     stream: bool = opt(True, "print tokens as they are produced (single sequence only)")
 
 

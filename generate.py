@@ -351,7 +351,7 @@ def main(argv: Sequence[str] | None = None) -> None:
           f"prefill: {prefill_tps:,.0f} tok/s | decode: {decode_tps:,.1f} tok/s "
           f"({timings['decode_s'] * 1e3 / max(timings['decode_steps'], 1):.2f} ms/step) | "
           f"cache: {cache_mb:.2f} MB | {device.type} {str(dtype).removeprefix('torch.')}"
-          f"{' compiled' if cfg.compile_model else ''}", flush=True)
+          f"{' compiled (decode time includes the compilation)' if cfg.compile_model else ''}", flush=True)
 
 
 if __name__ == "__main__":
