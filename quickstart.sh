@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# All four stages on the built-in corpus with the tiny preset, offline, on CPU: about 3 minutes on 2 quiet cores.
+# All four stages on the built-in corpus with the tiny preset, offline, on CPU: about 2 minutes on 2 idle cores.
 #   bash quickstart.sh [output folder]      (default: quickstart_out/)
 set -euo pipefail
 cd "$(dirname "$0")"
