@@ -17,9 +17,9 @@ only control tokens in a sequence are the bos/eos that `encode_document` adds.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import json
-import dataclasses
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -180,7 +180,7 @@ def load_recorded_tokenizer(opts: TokenizerOptions, recorded: dict[str, Any] | N
 
 
 def recorded_tokenizer(tokenizer: Tokenizer) -> dict[str, Any]:
-    """What checkpoints and shard folders record about their tokenizer (see load_recorded_tokenizer)."""
+    """What a checkpoint records about its tokenizer (read back by load_recorded_tokenizer)."""
     return {**tokenizer.describe(), "path": str(Path(tokenizer.source).resolve()) if tokenizer.source else ""}
 
 
