@@ -158,8 +158,7 @@ class MLA(nn.Module):
         if start_pos is None:                        # training / reference: no cache
             return self._naive(q_nope, q_pe, kv, k_pe, mask, causal=mask is None)
         end = start_pos + T
-        self.kv_cache[:B, start_pos:end, :self.kv_lora_rank] = kv
-        self.kv_cache[:B, start_pos:end, self.kv_lora_rank:] = k_pe
+        self.kv_cache[:B, start_pos:end] = torch.cat([kv, k_pe], dim=-1)      # [B, T, r + rope]
         if T > 1:                                    # prefill: naive attention over the cached slots
             cache = self.kv_cache[:B, :end]
             kv, k_pe = cache.split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
@@ -200,7 +199,9 @@ class MLA(nn.Module):
         scores = torch.bmm(q_full, cache.transpose(1, 2)) * self.softmax_scale  # [B, H, S]
         if mask is not None:
             scores = scores.masked_fill(~mask[:, :, 0], float("-inf"))          # mask [B, 1, 1, S]
-        probs = scores.softmax(dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(cache.dtype)
+        probs = scores.softmax(dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32))
+        if probs.dtype != cache.dtype:
+            probs = probs.to(cache.dtype)
         o = torch.bmm(probs, cache[..., :r])                                     # [B, H, r]
         o = torch.bmm(o.transpose(0, 1), w_uv.transpose(1, 2))                  # [H, B, v]
         return self.wo(o.transpose(0, 1).reshape(B, 1, H * self.v_head_dim))   # [B, 1, D]
