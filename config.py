@@ -445,9 +445,17 @@ def presets_markdown() -> str:
     models = {name: model_args_from_preset(name) for name in names}
     fields = [f.name for f in dataclasses.fields(ModelArgs)
               if any(f.name in MODEL_PRESETS[name] for name in names)]
+    moe_fields = {"moe_inter_dim", "n_routed_experts", "n_shared_experts", "n_activated_experts", "n_expert_groups",
+                  "n_limited_groups", "score_func", "route_scale", "bias_update_speed", "aux_loss_alpha"}
+
+    def shown(preset: str, name: str) -> str:
+        args = models[preset]
+        dense_only = args.n_dense_layers >= args.n_layers
+        return "-" if dense_only and name in moe_fields else str(getattr(args, name))
+
     rows = ["| field | " + " | ".join(f"`{n}`" for n in names) + " |", "| --- |" + " --- |" * len(names)]
     for name in fields:
-        rows.append(f"| `{name}` | " + " | ".join(str(getattr(models[n], name)) for n in names) + " |")
+        rows.append(f"| `{name}` | " + " | ".join(shown(n, name) for n in names) + " |")
     return "\n".join(rows)
 
 
