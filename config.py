@@ -472,6 +472,10 @@ def readme_blocks() -> dict[str, str]:
     return out
 
 
+def _readme_block(name: str, table: str) -> str:
+    return f"<!-- options: {name} -->\n{table}\n<!-- /options -->"
+
+
 def render_readme(text: str) -> str:
     """text with every `<!-- options: NAME -->` ... `<!-- /options -->` block replaced by the generated one."""
     import re
@@ -482,7 +486,7 @@ def render_readme(text: str) -> str:
         name = match.group(1)
         if name not in blocks:
             raise ConfigError(f"README block '{name}' is unknown; known: {', '.join(blocks)}")
-        return f"<!-- options: {name} -->\n{blocks[name]}\n<!-- /options -->"
+        return _readme_block(name, blocks[name])
 
     return re.sub(r"<!-- options: (\S+) -->.*?<!-- /options -->", replace, text, flags=re.S)
 
@@ -496,4 +500,4 @@ if __name__ == "__main__":
         print(f"updated the option tables in {readme}")
     else:
         for block_name, block in readme_blocks().items():
-            print(f"<!-- options: {block_name} -->\n{block}\n<!-- /options -->\n")
+            print(_readme_block(block_name, block) + "\n")

@@ -306,6 +306,11 @@ class Gate(nn.Module):
         return weights.type_as(x), indices, original_scores
 
 
+def swiglu(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor) -> torch.Tensor:
+    """One routed expert: w2 (silu(w1 x) * w3 x)."""
+    return linear(F.silu(linear(x, w1)) * linear(x, w3), w2)
+
+
 class Experts(nn.Module):
     """The routed experts' SwiGLU weights stacked along a leading expert axis."""
 
@@ -325,7 +330,7 @@ class Experts(nn.Module):
         if N == 1 and not torch.is_grad_enabled():  # decoding one sequence: just its K experts, no sorting
             y = None
             for k, e in enumerate(indices[0].tolist()):
-                y_k = weights[:, k:k + 1] * linear(F.silu(linear(x, self.w1[e])) * linear(x, self.w3[e]), self.w2[e])
+                y_k = weights[:, k:k + 1] * swiglu(x, self.w1[e], self.w2[e], self.w3[e])
                 y = y_k if y is None else y.add_(y_k)
             return y
         flat = indices.flatten()                                                # [N*K]
@@ -340,7 +345,7 @@ class Experts(nn.Module):
         outs = []
         for e, h in enumerate(xs.split(counts.tolist())):                       # h: [tokens of expert e, D]
             if h.size(0):
-                outs.append(linear(F.silu(linear(h, w1[e])) * linear(h, w3[e]), w2[e]))
+                outs.append(swiglu(h, w1[e], w2[e], w3[e]))
         ys = torch.cat(outs) if len(outs) > 1 else outs[0]                      # [N*K, D]
         ys = ys * weights.flatten().index_select(0, order).unsqueeze(1)
         return torch.zeros_like(x).index_add_(0, token_ids, ys)                 # [N, D]
