@@ -491,13 +491,20 @@ def render_readme(text: str) -> str:
     return re.sub(r"<!-- options: (\S+) -->.*?<!-- /options -->", replace, text, flags=re.S)
 
 
-if __name__ == "__main__":
+def _main() -> None:
     if len(sys.argv) == 3 and sys.argv[1] == "--readme":
         from pathlib import Path
 
         readme = Path(sys.argv[2])
-        readme.write_text(render_readme(readme.read_text(encoding="utf-8")), encoding="utf-8")
+        try:
+            readme.write_text(render_readme(readme.read_text(encoding="utf-8")), encoding="utf-8")
+        except OSError as error:
+            raise UserError(f"cannot update '{readme}' ({error.strerror or error}); pass the README's path") from None
         print(f"updated the option tables in {readme}")
     else:
         for block_name, block in readme_blocks().items():
             print(_readme_block(block_name, block) + "\n")
+
+
+if __name__ == "__main__":
+    run_main(_main)
