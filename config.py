@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import json
 import os
 import sys
 import typing
@@ -17,9 +16,42 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence, TypeVar
 
 
-def opt(default: Any, help: str, choices: Sequence[Any] | None = None) -> Any:
-    """A dataclass field with help text (and optional choices) for the generated parser."""
-    return field(default=default, metadata={"help": help, "choices": choices})
+def opt(default: Any, help: str, choices: Sequence[Any] | None = None, *, ge: float | None = None,
+        gt: float | None = None, le: float | None = None, lt: float | None = None) -> Any:
+    """A dataclass field with help text, optional choices and an optional range (ge/gt/le/lt bounds, checked by
+    `check_options` when the dataclass is built) for the generated parser."""
+    bounds = {k: v for k, v in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt)) if v is not None}
+    return field(default=default, metadata={"help": help, "choices": choices, "bounds": bounds})
+
+
+_BOUND_TEXT = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
+_BOUND_OK = {"ge": lambda v, b: v >= b, "gt": lambda v, b: v > b, "le": lambda v, b: v <= b,
+             "lt": lambda v, b: v < b}
+
+
+def check_options(obj: Any) -> None:
+    """Range-check every field of an options dataclass against the bounds declared with `opt`; the first
+    problem is a one-line ConfigError naming the flag, the allowed range and the value given."""
+    import math
+
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        bounds = f.metadata.get("bounds") or {}
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"--{f.name} must be a finite number (got {value})")
+        for kind, bound in bounds.items():
+            if not _BOUND_OK[kind](value, bound):
+                allowed = " and ".join(f"{_BOUND_TEXT[k]} {b:g}" for k, b in bounds.items())
+                raise ConfigError(f"--{f.name} must be {allowed} (got {value:g})")
+
+
+class Options:
+    """Base of every options dataclass: building one range-checks its fields."""
+
+    def __post_init__(self) -> None:
+        check_options(self)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -27,48 +59,50 @@ def opt(default: Any, help: str, choices: Sequence[Any] | None = None) -> Any:
 
 
 @dataclass
-class ModelArgs:
+class ModelArgs(Options):
     """Every architecture field, named as in DeepSeek-V3's reference `ModelArgs`."""
 
-    vocab_size: int = opt(32768, "vocabulary size; train.py sets it from the tokenizer unless given explicitly")
-    dim: int = opt(256, "model width (hidden size)")
-    inter_dim: int = opt(1024, "hidden size of the dense SwiGLU feed-forward layers")
-    moe_inter_dim: int = opt(256, "hidden size of each routed and shared expert")
-    n_layers: int = opt(4, "number of transformer blocks")
-    n_dense_layers: int = opt(1, "the first n_dense_layers blocks use a dense SwiGLU; the rest use MoE")
-    n_heads: int = opt(8, "attention heads")
-    max_seq_len: int = opt(256, "context length in tokens")
+    vocab_size: int = opt(32768, "vocabulary size; train.py sets it from the tokenizer unless given explicitly",
+                          ge=1, le=2**24)
+    dim: int = opt(256, "model width (hidden size)", ge=1)
+    inter_dim: int = opt(1024, "hidden size of the dense SwiGLU feed-forward layers", ge=1)
+    moe_inter_dim: int = opt(256, "hidden size of each routed and shared expert", ge=1)
+    n_layers: int = opt(4, "number of transformer blocks", ge=1)
+    n_dense_layers: int = opt(1, "the first n_dense_layers blocks use a dense SwiGLU; the rest use MoE", ge=0)
+    n_heads: int = opt(8, "attention heads", ge=1)
+    max_seq_len: int = opt(256, "context length in tokens", ge=1)
     # attention
     attn_type: str = opt("mla", "attention: DeepSeek Multi-Head Latent Attention or standard multi-head/GQA",
                          choices=("mla", "mha"))
-    n_kv_heads: int = opt(0, "key/value heads for attn_type=mha (grouped-query); 0 means n_heads")
-    head_dim: int = opt(0, "head size for attn_type=mha; 0 means dim // n_heads")
-    q_lora_rank: int = opt(0, "rank of the low-rank query projection; 0 means a full-rank query")
-    kv_lora_rank: int = opt(64, "rank of the compressed key/value latent (what the KV cache stores)")
-    qk_nope_head_dim: int = opt(32, "per-head query/key size without rotary embedding")
-    qk_rope_head_dim: int = opt(32, "per-head query size with rotary embedding; the RoPE key is shared by heads")
-    v_head_dim: int = opt(32, "per-head value size")
-    rope_theta: float = opt(10000.0, "rotary embedding base")
-    sliding_window: int = opt(0, "attend only to the last sliding_window tokens; 0 means full causal attention")
+    n_kv_heads: int = opt(0, "key/value heads for attn_type=mha (grouped-query); 0 means n_heads", ge=0)
+    head_dim: int = opt(0, "head size for attn_type=mha; 0 means dim // n_heads", ge=0)
+    q_lora_rank: int = opt(0, "rank of the low-rank query projection; 0 means a full-rank query", ge=0)
+    kv_lora_rank: int = opt(64, "rank of the compressed key/value latent (what the KV cache stores)", ge=1)
+    qk_nope_head_dim: int = opt(32, "per-head query/key size without rotary embedding", ge=0)
+    qk_rope_head_dim: int = opt(32, "per-head query size with rotary embedding; the RoPE key is shared by heads", ge=0)
+    v_head_dim: int = opt(32, "per-head value size", ge=1)
+    rope_theta: float = opt(10000.0, "rotary embedding base", gt=0)
+    sliding_window: int = opt(0, "attend only to the last sliding_window tokens; 0 means full causal attention", ge=0)
     sliding_window_layers: str = opt("", "comma-separated layer indices that use the sliding window; "
                                          "empty means every layer (when sliding_window > 0)")
     # mixture of experts
-    n_routed_experts: int = opt(8, "routed experts per MoE layer")
-    n_shared_experts: int = opt(1, "always-active shared experts per MoE layer")
-    n_activated_experts: int = opt(2, "routed experts each token is sent to (top-k)")
-    n_expert_groups: int = opt(1, "expert groups for group-limited routing")
-    n_limited_groups: int = opt(1, "groups a token may route to when n_expert_groups > 1")
+    n_routed_experts: int = opt(8, "routed experts per MoE layer", ge=1)
+    n_shared_experts: int = opt(1, "always-active shared experts per MoE layer", ge=0)
+    n_activated_experts: int = opt(2, "routed experts each token is sent to (top-k)", ge=1)
+    n_expert_groups: int = opt(1, "expert groups for group-limited routing", ge=1)
+    n_limited_groups: int = opt(1, "groups a token may route to when n_expert_groups > 1", ge=1)
     score_func: str = opt("softmax", "router scoring function", choices=("softmax", "sigmoid"))
-    route_scale: float = opt(1.0, "scale applied to the normalised top-k routing weights")
+    route_scale: float = opt(1.0, "scale applied to the normalised top-k routing weights", gt=0)
     bias_update_speed: float = opt(0.001, "step of DeepSeek-V3's auxiliary-loss-free balancing bias update; "
-                                          "0 disables it")
-    aux_loss_alpha: float = opt(0.0, "weight of the sequence-wise auxiliary balance loss; 0 disables it")
+                                          "0 disables it", ge=0)
+    aux_loss_alpha: float = opt(0.0, "weight of the sequence-wise auxiliary balance loss; 0 disables it", ge=0)
     # misc
-    norm_eps: float = opt(1e-6, "RMSNorm epsilon")
+    norm_eps: float = opt(1e-6, "RMSNorm epsilon", gt=0)
     tie_embeddings: bool = opt(False, "share the token embedding and the output head")
-    init_std: float = opt(0.02, "standard deviation of the weight initialisation")
+    init_std: float = opt(0.02, "standard deviation of the weight initialisation", gt=0)
 
     def __post_init__(self) -> None:
+        check_options(self)
         problems = []
         if self.dim % self.n_heads and self.attn_type == "mha" and not self.head_dim:
             problems.append(f"dim={self.dim} is not divisible by n_heads={self.n_heads}")
@@ -158,7 +192,7 @@ def model_args_from_preset(preset: str, **overrides: Any) -> ModelArgs:
 
 
 @dataclass
-class DatasetOptions:
+class DatasetOptions(Options):
     dataset_path_huggingface: str = opt("builtin", "text source: a HF hub dataset id, a local .txt/.jsonl/"
                                                    ".parquet file or folder, or 'builtin' for the corpus "
                                                    "shipped with Python (no download)")
@@ -169,7 +203,7 @@ class DatasetOptions:
 
 
 @dataclass
-class TokenizerOptions:
+class TokenizerOptions(Options):
     tokenizer_path: str = opt("tokenizer", "folder (or tokenizer.json) of the tokenizer trained by "
                                            "train_tokenizer.py")
     load_mistral_tokenizer: bool = opt(False, "use Mistral-Nemo's pre-trained tokenizer instead of the trained one")
@@ -185,9 +219,10 @@ class TokenizerOptions:
 class TrainTokenizerConfig(DatasetOptions):
     """Options of train_tokenizer.py."""
 
-    vocab_size: int = opt(32768, "vocabulary size of the trained tokenizer, special tokens included")
-    tokenizer_train_shard_size: int = opt(10_000_000, "characters of text to train on (streamed up to this many)")
-    min_frequency: int = opt(2, "minimum pair frequency for a merge")
+    vocab_size: int = opt(32768, "vocabulary size of the trained tokenizer, special tokens included", ge=256,
+                          le=2**24)
+    tokenizer_train_shard_size: int = opt(10_000_000, "characters of text to train on (streamed up to this many)", ge=1)
+    min_frequency: int = opt(2, "minimum pair frequency for a merge", ge=1)
     output_path: str = opt("tokenizer", "folder to write tokenizer.json and its metadata into")
 
 
@@ -196,11 +231,11 @@ class TokenizeDataConfig(DatasetOptions, TokenizerOptions):
     """Options of tokenize_data.py."""
 
     data_file_name: str = opt("data", "output folder for the .npy token shards")
-    encoded_dataset_shard_size: int = opt(10_000_000, "tokens per shard")
-    val_tokens: int = opt(0, "tokens held out for validation; 0 means the first shard is the validation split")
-    max_tokens: int = opt(0, "stop after this many tokens (0 = no limit)")
-    max_documents: int = opt(0, "stop after this many documents (0 = no limit)")
-    num_workers: int = opt(0, "encoding threads (Rust); 0 means one per CPU core")
+    encoded_dataset_shard_size: int = opt(10_000_000, "tokens per shard", ge=1, le=2**31)
+    val_tokens: int = opt(0, "tokens held out for validation; 0 means the first shard is the validation split", ge=0)
+    max_tokens: int = opt(0, "stop after this many tokens (0 = no limit)", ge=0)
+    max_documents: int = opt(0, "stop after this many documents (0 = no limit)", ge=0)
+    num_workers: int = opt(0, "encoding threads (Rust); 0 means one per CPU core", ge=0)
     overwrite: bool = opt(False, "replace the shards already in --data_file_name")
     encoder: str = opt("auto", "encoding engine: the tokenizer's own Rust encode_batch ('tokenizers'), or tiktoken "
                                "for Mistral's tekken vocabulary (same ids, checked on the first documents, several "
@@ -216,22 +251,22 @@ class TrainConfig(TokenizerOptions):
                      choices=tuple(MODEL_PRESETS))
     data_file_name: str = opt("data", "folder of token shards written by tokenize_data.py")
     save_file_name: str = opt("checkpoints", "checkpoint folder (training resumes from its latest checkpoint)")
-    steps: int = opt(1000, "optimizer steps")
-    total_batch_size: int = opt(16384, "tokens per optimizer step, across all ranks and micro-steps")
-    batch_size: int = opt(16, "sequences per micro-batch per rank")
-    seq_len: int = opt(0, "training sequence length; 0 means the model's max_seq_len")
-    lr: float = opt(1e-3, "peak learning rate")
-    min_lr: float = opt(1e-4, "learning rate at the end of the cosine decay")
-    warm_up: int = opt(100, "linear warm-up steps")
-    weight_decay: float = opt(0.1, "AdamW weight decay (matrices only)")
-    beta1: float = opt(0.9, "AdamW beta1")
-    beta2: float = opt(0.95, "AdamW beta2")
-    grad_clip: float = opt(1.0, "gradient norm clipping; 0 disables it")
-    eval_rate: int = opt(100, "evaluate every this many steps (0 = never)")
-    eval_steps: int = opt(20, "validation batches per evaluation")
-    save_rate: int = opt(500, "checkpoint every this many steps (and always at the end)")
-    keep_checkpoints: int = opt(3, "how many recent checkpoints to keep")
-    seed: int = opt(1337, "random seed")
+    steps: int = opt(1000, "optimizer steps", ge=1)
+    total_batch_size: int = opt(16384, "tokens per optimizer step, across all ranks and micro-steps", ge=1)
+    batch_size: int = opt(16, "sequences per micro-batch per rank", ge=1)
+    seq_len: int = opt(0, "training sequence length; 0 means the model's max_seq_len", ge=0)
+    lr: float = opt(1e-3, "peak learning rate", gt=0)
+    min_lr: float = opt(1e-4, "learning rate at the end of the cosine decay", ge=0)
+    warm_up: int = opt(100, "linear warm-up steps", ge=0)
+    weight_decay: float = opt(0.1, "AdamW weight decay (matrices only)", ge=0)
+    beta1: float = opt(0.9, "AdamW beta1", ge=0, lt=1)
+    beta2: float = opt(0.95, "AdamW beta2", ge=0, lt=1)
+    grad_clip: float = opt(1.0, "gradient norm clipping; 0 disables it", ge=0)
+    eval_rate: int = opt(100, "evaluate every this many steps (0 = never)", ge=0)
+    eval_steps: int = opt(20, "validation batches per evaluation", ge=0)
+    save_rate: int = opt(500, "checkpoint every this many steps (and always at the end)", ge=1)
+    keep_checkpoints: int = opt(3, "how many recent checkpoints to keep", ge=1)
+    seed: int = opt(1337, "random seed", ge=0, le=2**63 - 1)
     dtype: str = opt("auto", "compute dtype: auto picks bf16 on GPUs that support it and fp32 elsewhere",
                      choices=("auto", "fp32", "bf16", "fp16"))
     device: str = opt("auto", "cpu, cuda, or auto")
@@ -241,10 +276,10 @@ class TrainConfig(TokenizerOptions):
     resume: bool = opt(True, "continue from the latest checkpoint in --save_file_name when there is one")
     init_from: str = opt("", "start from these weights: a checkpoint folder or a HF DeepseekV3 model folder")
     log_file: str = opt("", "JSONL log path; empty means <save_file_name>/log.jsonl")
-    log_every: int = opt(1, "print a progress line every this many steps (the JSONL log gets every step)")
+    log_every: int = opt(1, "print a progress line every this many steps (the JSONL log gets every step)", ge=1)
     quiet: bool = opt(False, "print only the summary, evaluations, checkpoints and errors")
     peak_flops: float = opt(0.0, "peak FLOP/s per device for MFU; 0 means the GPU's table value (bf16/fp16) or "
-                                 "the matmul rate measured at startup")
+                                 "the matmul rate measured at startup", ge=0)
 
 
 @dataclass
@@ -255,15 +290,15 @@ class GenerateConfig(TokenizerOptions):
     input_file: str = opt("", "a file with one prompt per line (generated as one batch)")
     save_file_name: str = opt("checkpoints", "checkpoint folder (its latest checkpoint), a checkpoint, or a HF "
                                              "DeepseekV3 model folder")
-    num_tokens_to_generate: int = opt(100, "new tokens per prompt")
-    temperature: float = opt(0.8, "sampling temperature; 0 means greedy")
+    num_tokens_to_generate: int = opt(100, "new tokens per prompt", ge=1)
+    temperature: float = opt(0.8, "sampling temperature; 0 means greedy", ge=0)
     top_p: float = opt(0.95, "nucleus sampling: draw only from the smallest set of tokens whose probability "
-                             "reaches top_p (1 disables it)")
-    top_k: int = opt(0, "draw only from the top_k most likely tokens (0 disables it)")
-    seed: int = opt(1337, "random seed")
-    num_samples: int = opt(1, "continuations per prompt, generated in one batch")
+                             "reaches top_p (1 disables it)", gt=0, le=1)
+    top_k: int = opt(0, "draw only from the top_k most likely tokens (0 disables it)", ge=0)
+    seed: int = opt(1337, "random seed", ge=0, le=2**63 - 1)
+    num_samples: int = opt(1, "continuations per prompt, generated in one batch", ge=1)
     stop_at_eos: bool = opt(True, "stop a sequence at the end-of-document token")
-    max_seq_len: int = opt(0, "longest prompt + generation allowed; 0 means the model's max_seq_len")
+    max_seq_len: int = opt(0, "longest prompt + generation allowed; 0 means the model's max_seq_len", ge=0)
     dtype: str = opt("auto", "compute dtype", choices=("auto", "fp32", "bf16", "fp16"))
     device: str = opt("auto", "cpu, cuda, or auto")
     compile_model: bool = opt(False, "torch.compile the decode step (for GPUs: on CPU the eager decode path is "
@@ -283,6 +318,25 @@ class ExportConfig(TokenizerOptions):
     save_tokenizer: bool = opt(True, "also write tokenizer.json and tokenizer_config.json (the checkpoint's "
                                      "tokenizer, checked by fingerprint)")
     overwrite: bool = opt(False, "replace --output_dir when it already holds a model")
+
+
+@dataclass
+class CheckDataConfig(TokenizerOptions):
+    """Options of data_loader.py: check a folder written by tokenize_data.py: metadata, every shard's header and
+    size (and checksum with --verify), and optionally that it was written with the given tokenizer."""
+
+    data_file_name: str = opt("data", "folder of token shards written by tokenize_data.py")
+    check_tokenizer: bool = opt(False, "also check the shards against the tokenizer given by --tokenizer_path / "
+                                       "--load_mistral_tokenizer")
+    verify: bool = opt(False, "also recompute every shard's checksum (reads all the data once)")
+    seq_len: int = opt(1, "fail when a split is shorter than one sequence of this length", ge=1)
+
+
+@dataclass
+class InspectTokenizerConfig(TokenizerOptions):
+    """Options of tokenizer.py: load a tokenizer, print its description and the tokens of --text."""
+
+    text: str = opt("Hello world! 12345 héllo 日本語", "text to encode")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -415,10 +469,6 @@ def remove_new_folder_on_failure(folder: "os.PathLike[str] | str") -> Iterator[N
         raise
 
 
-def dump_json(obj: Any) -> str:
-    return json.dumps(obj, indent=2, sort_keys=True)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # The README's option tables are generated from the dataclasses too: `python config.py --readme README.md`
 # rewrites every block between `<!-- options: NAME -->` and `<!-- /options -->` (tests check it is current).
@@ -460,10 +510,7 @@ def presets_markdown() -> str:
 
 
 def readme_blocks() -> dict[str, str]:
-    """Every generated README block by name (the scripts' own dataclasses are imported here, lazily)."""
-    from data_loader import CheckDataConfig
-    from tokenizer import InspectTokenizerConfig
-
+    """Every generated README block by name."""
     blocks = {"train_tokenizer.py": TrainTokenizerConfig, "tokenize_data.py": TokenizeDataConfig,
               "train.py": TrainConfig, "model": ModelArgs, "generate.py": GenerateConfig,
               "hf_interop.py": ExportConfig, "data_loader.py": CheckDataConfig, "tokenizer.py": InspectTokenizerConfig}

@@ -24,7 +24,6 @@ import json
 import os
 import zlib
 from collections import OrderedDict
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
@@ -33,7 +32,7 @@ import numpy as np
 if TYPE_CHECKING:
     import torch
 
-from config import TokenizerOptions, UserError, opt, parse_config, run_main
+from config import CheckDataConfig, UserError, parse_config, run_main
 
 METADATA_FILE = "metadata.json"
 FORMAT_VERSION = 1
@@ -332,18 +331,6 @@ class ShardedLoader:
 
 # ----------------------------------------------------------------------------------------------------------------
 # Command line: check a data folder
-
-
-@dataclass
-class CheckDataConfig(TokenizerOptions):
-    """Check a folder written by tokenize_data.py: metadata, every shard's header and size (and checksum with
-    --verify), and optionally that it was written with the given tokenizer."""
-
-    data_file_name: str = opt("data", "folder of token shards written by tokenize_data.py")
-    check_tokenizer: bool = opt(False, "also check the shards against the tokenizer given by --tokenizer_path / "
-                                       "--load_mistral_tokenizer")
-    verify: bool = opt(False, "also recompute every shard's checksum (reads all the data once)")
-    seq_len: int = opt(1, "fail when a split is shorter than one sequence of this length")
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -20,7 +20,6 @@ import base64
 import dataclasses
 import hashlib
 import json
-from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Sequence
@@ -29,7 +28,7 @@ import tokenizers
 from tokenizers import AddedToken, Regex, decoders, pre_tokenizers
 from tokenizers.models import BPE
 
-from config import TokenizerOptions, UserError, opt, parse_config, run_main
+from config import InspectTokenizerConfig, TokenizerOptions, UserError, parse_config, run_main
 
 PROJECT_DIR = Path(__file__).resolve().parent
 TOKENIZER_FILE = "tokenizer.json"
@@ -380,13 +379,6 @@ def tekken_to_hf(data: dict[str, Any], path: Path | str = "tekken.json") -> tupl
 
 # ----------------------------------------------------------------------------------------------------------------
 # Command line: inspect a tokenizer (also how tests exercise the loaders' one-line errors)
-
-
-@dataclass
-class InspectTokenizerConfig(TokenizerOptions):
-    """Load a tokenizer, print its description and the tokens of --text."""
-
-    text: str = opt("Hello world! 12345 héllo 日本語", "text to encode")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -18,7 +18,6 @@ import math
 import os
 import random
 import signal
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +28,8 @@ import torch
 import torch.distributed as dist
 
 import checkpoint
+from common import DTYPES, autocast_context, resolve_device, resolve_dtype
+from optim import build_optimizer, lr_at
 from config import ModelArgs, TrainConfig, UserError, model_args_from_preset, parse_config, run_main
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -49,19 +50,6 @@ class Dist:
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
-
-
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda was requested but no CUDA GPU is available; use --device cpu")
-    if name == "cuda":
-        return torch.device("cuda", local_rank % torch.cuda.device_count())
-    try:
-        return torch.device(name)
-    except RuntimeError as e:
-        raise UserError(f"unknown --device '{name}'; use cpu, cuda or auto") from e
 
 
 def setup_distributed(device: str = "auto") -> Dist:
@@ -122,43 +110,6 @@ def plan_batch(total: int, batch_size: int, seq_len: int, world_size: int) -> in
         shown = valid if len(valid) <= 12 else valid[:6] + ["..."] + valid[-5:]
         msg += f", or --batch_size one of {', '.join(map(str, shown))}"
     raise UserError(msg)
-
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def resolve_dtype(name: str, device: torch.device) -> str:
-    if name != "auto":
-        return name
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return "bf16"
-    return "fp32"  # CPUs: bf16 matmuls are far slower than fp32 on most of them
-
-
-def autocast_context(dtype: str, device: torch.device):
-    if dtype == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=DTYPES[dtype])
-
-
-def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices (>= 2-D: embeddings, projections, stacked experts) only."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    extra = {"fused": True} if device.type == "cuda" else {}
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8, **extra)
-
-
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Learning rate of optimizer step `step` (1-based): linear warm-up (non-zero at step 1), cosine to min_lr."""
-    if cfg.warm_up > 0 and step <= cfg.warm_up:
-        return cfg.lr * step / cfg.warm_up
-    if cfg.steps <= cfg.warm_up:
-        return cfg.lr
-    progress = min(1.0, (step - cfg.warm_up) / (cfg.steps - cfg.warm_up))
-    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + math.cos(math.pi * progress))
 
 
 # ----------------------------------------------------------------------------------------------------------------
