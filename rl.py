@@ -77,7 +77,9 @@ def token_logps(model: torch.nn.Module, tokens: torch.Tensor, targets: torch.Ten
     per-token NLL (reduction='none') when the model has it, full logits otherwise."""
     if _has_reduction(model):
         return -model(tokens, targets, reduction="none")
-    logits = model(tokens).float()                                           # [B, T, V]
+    logits = model(tokens)                                                   # [B, T, V]
+    if logits.dtype in (torch.float16, torch.bfloat16):  # log-softmax in fp32 at least
+        logits = logits.float()
     safe = targets.clamp(min=0)
     logp = torch.log_softmax(logits, dim=-1).gather(-1, safe.unsqueeze(-1)).squeeze(-1)
     return logp.masked_fill(targets < 0, 0.0)
@@ -153,3 +155,180 @@ def score(reward_fn: RewardFn, prompts: Sequence[str], completions: Sequence[str
             report(f"reward function failed on sample {i} (prompt {prompt!r}, completion {completion[:80]!r}): "
                    f"{type(error).__name__}: {first_line(error)}; scored 0")
     return rewards, failures
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Prompts and rollouts
+
+
+def read_prompts(source: str, task: str, subset: str = "", split: str = "train", prompt_column: str = "prompt",
+                 answer_column: str = "answer") -> list[tuple[str, str | None]]:
+    """(prompt, answer or None) pairs: the built-in task's training problems ('builtin'), or the rows of a local
+    .jsonl/.parquet file or a hub dataset (a prompt column, an optional answer column)."""
+    import tasks
+
+    if source == "builtin":
+        return [(p.prompt, p.answer) for p in tasks.problems(task, "train")]
+    from dpo import read_rows
+
+    rows = read_rows(source, subset, split)
+    if not rows:
+        raise UserError(f"'{source}' holds no rows")
+    if prompt_column not in rows[0]:
+        raise UserError(f"the prompt data has no column '{prompt_column}' (columns: {', '.join(rows[0])}); pass "
+                        f"--prompt_column")
+    out = []
+    for i, row in enumerate(rows):
+        prompt = row.get(prompt_column)
+        if not isinstance(prompt, str) or not prompt:
+            raise UserError(f"prompt row {i}: '{prompt_column}' is not a non-empty string")
+        answer = row.get(answer_column)
+        out.append((prompt, None if answer is None else str(answer)))
+    return out
+
+
+def rollout_batch(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], pad_id: int
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompt + completion rows -> (tokens [B, T], targets [B, T]) right-padded; targets are the completion's
+    tokens (at the positions that predict them) and -1 elsewhere."""
+    rows = [(list(p), list(c)) for p, c in zip(prompts, completions)]
+    width = max(len(p) + max(len(c), 1) for p, c in rows) - 1
+    tokens = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    targets = torch.full((len(rows), width), -1, dtype=torch.long)
+    for i, (p, c) in enumerate(rows):
+        ids = p + c
+        tokens[i, :len(ids) - 1] = torch.tensor(ids[:-1])
+        if c:
+            targets[i, len(p) - 1:len(ids) - 1] = torch.tensor(c)
+    return tokens, targets
+
+
+class RolloutSource:
+    """The GRPO batch source: each batch is `prompts_per_batch` prompts (a seeded order, rank-strided, epoch after
+    epoch) x `group_size` completions sampled from the current policy with the batched KV-cache generation, their
+    rewards, group advantages, and (when needed) the sampling policy's and the reference's log-probabilities. A
+    batch is handed out `num_iterations` times before the next is sampled."""
+
+    def __init__(self, policy: torch.nn.Module, tok, items: Sequence[tuple[str, str | None]], reward_fn: RewardFn,
+                 *, prompts_per_batch: int, group_size: int, max_new_tokens: int, temperature: float, top_p: float,
+                 top_k: int, num_iterations: int, seed: int, device: torch.device, rank: int = 0,
+                 world_size: int = 1, reference: torch.nn.Module | None = None,
+                 report: Callable[[str], None] = print, encode_prompt: Callable | None = None) -> None:
+        import tasks
+
+        self.policy, self.tok, self.items, self.reward_fn = policy, tok, list(items), reward_fn
+        self.prompts_per_batch, self.group_size = prompts_per_batch, group_size
+        self.max_new_tokens, self.temperature, self.top_p, self.top_k = max_new_tokens, temperature, top_p, top_k
+        self.num_iterations, self.seed, self.device = num_iterations, seed, device
+        self.rank, self.world_size, self.reference, self.report = rank, world_size, reference, report
+        self.encode_prompt = encode_prompt or tasks.encode_prompt
+        self.epoch, self.position = 0, 0
+        self.generator = torch.Generator(device="cpu").manual_seed(seed * 1000 + rank)
+        self.current: dict[str, Any] | None = None
+        self.uses = 0
+        self.last_handout: float | None = None
+        self._order = self._make_order(0)
+
+    def _make_order(self, epoch: int) -> list[int]:
+        import random
+
+        order = list(range(len(self.items)))
+        random.Random(self.seed + epoch).shuffle(order)
+        return order
+
+    def _next_items(self) -> list[tuple[str, str | None]]:
+        chosen = []
+        while len(chosen) < self.prompts_per_batch:
+            index = self.position * self.world_size + self.rank
+            if index >= len(self._order):
+                self.epoch += 1
+                self.position = 0
+                self._order = self._make_order(self.epoch)
+                continue
+            chosen.append(self.items[self._order[index]])
+            self.position += 1
+        return chosen
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "position": self.position, "generator": self.generator.get_state().tolist()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self._order = self._make_order(self.epoch)
+        self.generator.set_state(torch.tensor(state["generator"], dtype=torch.uint8))
+        self.current, self.uses = None, 0
+
+    def next_batch(self) -> dict[str, Any]:
+        import time
+
+        if self.current is not None and self.uses < self.num_iterations:
+            self.uses += 1
+            return {**self.current, "fresh": False}
+        now = time.perf_counter()
+        train_s = now - self.last_handout if self.last_handout is not None else float("nan")
+        batch = self._sample()
+        batch["train_s_previous"] = train_s
+        self.current, self.uses = batch, 1
+        self.last_handout = time.perf_counter()
+        return {**batch, "fresh": True}
+
+    @torch.no_grad()
+    def _sample(self) -> dict[str, Any]:
+        import time
+
+        import tasks
+        from generate import generate
+
+        items = self._next_items()
+        prompts = [self.encode_prompt(self.tok, prompt) for prompt, _ in items for _ in range(self.group_size)]
+        was_training = self.policy.training
+        self.policy.eval()
+        t0 = time.perf_counter()
+        try:
+            completions = generate(self.policy, prompts, self.max_new_tokens, temperature=self.temperature,
+                                   top_p=self.top_p, top_k=self.top_k, generator=self.generator,
+                                   eos_id=self.tok.eos_id, pad_id=self.tok.pad_id, vocab_size=self.tok.vocab_size)
+        finally:
+            self.policy.train(was_training)
+        gen_s = time.perf_counter() - t0
+        texts = [tasks.completion_text(self.tok, c) for c in completions]
+        expanded = [item for item in items for _ in range(self.group_size)]
+        rewards, failures = score(self.reward_fn, [p for p, _ in expanded], texts, [a for _, a in expanded],
+                                  self.report)
+        rewards_t = torch.tensor(rewards, dtype=torch.float32)
+        tokens, targets = rollout_batch(prompts, completions, self.tok.pad_id)
+        tokens, targets = tokens.to(self.device), targets.to(self.device)
+        batch: dict[str, Any] = {
+            "tokens": tokens, "targets": targets,
+            "advantages": group_advantages(rewards_t, self.group_size).to(self.device),
+            "rewards": rewards_t, "completion_len": torch.tensor([float(len(c)) for c in completions]),
+            "gen_s": gen_s, "gen_tokens": sum(len(c) for c in completions), "reward_errors": failures,
+        }
+        if self.num_iterations > 1:  # pi_old: the sampling policy's log-probs, from the training forward
+            batch["old_logps"] = token_logps(self.policy, tokens, targets).detach()
+        if self.reference is not None:
+            batch["ref_logps"] = token_logps(self.reference, tokens, targets).detach()
+        return batch
+
+
+def rollout_loss(model: torch.nn.Module, batch: dict[str, Any], clip_eps: float, kl_coef: float
+                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The GRPO loss of a rollout batch under the policy `model`, and the logged metrics."""
+    tokens, targets = batch["tokens"], batch["targets"]
+    mask = targets >= 0
+    logps = token_logps(model, tokens, targets)
+    old = batch.get("old_logps")
+    old = logps.detach() if old is None else old
+    loss, stats = grpo_loss(logps, old, batch["advantages"], mask, clip_eps, kl_coef, batch.get("ref_logps"))
+    rewards = batch["rewards"]
+    metrics = {"reward": rewards.mean(), "accuracy": (rewards >= 1.0).float().mean(),
+               "completion_len": batch["completion_len"].mean(), **stats,
+               "reward_errors": torch.tensor(float(batch["reward_errors"]))}
+    if batch.get("fresh", True):
+        gen_s = max(batch["gen_s"], 1e-9)
+        metrics["gen_s"] = torch.tensor(gen_s)
+        metrics["gen_tokens_per_s"] = torch.tensor(batch["gen_tokens"] / gen_s)
+        train_s = batch.get("train_s_previous", float("nan"))
+        if math.isfinite(train_s):
+            metrics["train_s"] = torch.tensor(train_s)
+    return loss, metrics
