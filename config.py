@@ -283,6 +283,65 @@ class TrainConfig(TokenizerOptions):
 
 
 @dataclass
+class DPOConfig(TrainConfig):
+    """Options of dpo.py (preference tuning; the training options are train.py's)."""
+
+    dataset_path_huggingface: str = opt("builtin", "preference pairs: a HF hub dataset id, a local .jsonl/.parquet "
+                                                   "file or folder, or 'builtin' (pairs from the built-in addition "
+                                                   "task)")
+    dataset_sub_set: str = opt("", "HF dataset configuration (subset) name")
+    dataset_split: str = opt("train", "dataset split to read")
+    val_fraction: float = opt(0.05, "fraction of the pairs held out for evaluation (seeded)", ge=0, lt=1)
+    beta: float = opt(0.1, "strength of the tie to the reference model (IPO: the regularisation tau)", gt=0)
+    loss_type: str = opt("sigmoid", "preference loss", choices=("sigmoid", "ipo", "hinge", "robust"))
+    label_smoothing: float = opt(0.0, "probability that a preference label is flipped: conservative DPO with "
+                                      "sigmoid, robust DPO with robust", ge=0, lt=0.5)
+    precompute_ref: bool = opt(False, "compute the reference log-probabilities of every pair once before "
+                                      "training and free the reference model")
+    lr: float = opt(1e-5, "peak learning rate", gt=0)
+    warm_up: int = opt(10, "linear warm-up steps", ge=0)
+    steps: int = opt(200, "optimizer steps", ge=1)
+    batch_size: int = opt(8, "preference pairs per micro-batch per rank", ge=1)
+    eval_rate: int = opt(50, "evaluate on the held-out pairs every this many steps (0 = never)", ge=0)
+
+
+@dataclass
+class GRPOConfig(TrainConfig):
+    """Options of rl.py (GRPO with verifiable rewards; the training options are train.py's)."""
+
+    task: str = opt("add2", "built-in task used with --dataset_path_huggingface builtin: its training problems "
+                            "are the prompts and its held-out test set is the evaluation",
+                    choices=("add2", "add3", "reverse"))
+    dataset_path_huggingface: str = opt("builtin", "prompts: 'builtin' (the --task), a local .jsonl/.parquet "
+                                                   "file or folder, or a HF hub dataset id")
+    dataset_sub_set: str = opt("", "HF dataset configuration (subset) name")
+    dataset_split: str = opt("train", "dataset split to read")
+    prompt_column: str = opt("prompt", "column holding the prompt text")
+    answer_column: str = opt("answer", "column holding the reference answer passed to the reward (optional)")
+    reward: str = opt("builtin", "reward function as module:function or file.py:function, called as "
+                                 "f(prompt, completion, answer) -> float; builtin is exact match with the answer")
+    group_size: int = opt(8, "completions sampled per prompt (G)", ge=2)
+    max_new_tokens: int = opt(8, "longest completion in tokens", ge=1)
+    temperature: float = opt(1.0, "sampling temperature of the rollouts", gt=0)
+    top_p: float = opt(1.0, "nucleus sampling of the rollouts (1 disables it)", gt=0, le=1)
+    top_k: int = opt(0, "top-k sampling of the rollouts (0 disables it)", ge=0)
+    clip_eps: float = opt(0.2, "clipping range of the policy ratio", gt=0, lt=1)
+    kl_coef: float = opt(0.0, "weight of the KL penalty to the reference (the --init_from weights); 0 keeps no "
+                              "reference model", ge=0)
+    num_iterations: int = opt(1, "optimizer steps on each rollout batch (pi_old is the policy that sampled it)",
+                              ge=1)
+    val_fraction: float = opt(0.02, "fraction of non-builtin prompts held out for evaluation", ge=0, lt=1)
+    eval_problems: int = opt(500, "held-out prompts per evaluation (greedy decoding)", ge=1)
+    lr: float = opt(3e-4, "peak learning rate", gt=0)
+    warm_up: int = opt(0, "linear warm-up steps", ge=0)
+    min_lr: float = opt(3e-4, "learning rate at the end of the cosine decay", ge=0)
+    weight_decay: float = opt(0.0, "AdamW weight decay (matrices only)", ge=0)
+    steps: int = opt(300, "optimizer steps", ge=1)
+    batch_size: int = opt(16, "prompts per micro-batch per rank (each sampled group_size times)", ge=1)
+    eval_rate: int = opt(100, "evaluate held-out accuracy every this many steps (0 = never)", ge=0)
+
+
+@dataclass
 class GenerateConfig(TokenizerOptions):
     """Options of generate.py."""
 
@@ -513,7 +572,7 @@ def readme_blocks() -> dict[str, str]:
     """Every generated README block by name."""
     blocks = {"train_tokenizer.py": TrainTokenizerConfig, "tokenize_data.py": TokenizeDataConfig,
               "train.py": TrainConfig, "model": ModelArgs, "generate.py": GenerateConfig,
-              "hf_interop.py": ExportConfig, "data_loader.py": CheckDataConfig, "tokenizer.py": InspectTokenizerConfig}
+              "hf_interop.py": ExportConfig, "dpo.py": DPOConfig, "rl.py": GRPOConfig, "data_loader.py": CheckDataConfig, "tokenizer.py": InspectTokenizerConfig}
     out = {name: options_markdown(cls) for name, cls in blocks.items()}
     out["presets"] = presets_markdown()
     return out
