@@ -285,6 +285,24 @@ class TrainConfig(TokenizerOptions):
 
 
 @dataclass
+class TaskSFTConfig(TrainConfig):
+    """Options of tasks.py (supervised fine-tuning on a built-in task's format before rl.py)."""
+
+    task: str = opt("add2", "built-in task: its training problems with their answers", choices=("add2", "add3",
+                                                                                              "reverse"))
+    eval_problems: int = opt(500, "held-out problems per evaluation (greedy exact match)", ge=1)
+    lr: float = opt(3e-3, "peak learning rate", gt=0)
+    min_lr: float = opt(3e-3, "learning rate at the end of the cosine decay", ge=0)
+    warm_up: int = opt(20, "linear warm-up steps", ge=0)
+    weight_decay: float = opt(0.0, "AdamW weight decay (matrices only)", ge=0)
+    steps: int = opt(600, "optimizer steps", ge=1)
+    batch_size: int = opt(64, "problems per micro-batch per rank", ge=1)
+    total_batch_size: int = opt(0, "problems per optimizer step across ranks and micro-steps; 0 means one "
+                                   "micro-batch of --batch_size per rank", ge=0)
+    eval_rate: int = opt(200, "evaluate held-out accuracy every this many steps (0 = never)", ge=0)
+
+
+@dataclass
 class DPOConfig(TrainConfig):
     """Options of dpo.py (preference tuning; the training options are train.py's)."""
 
@@ -304,6 +322,8 @@ class DPOConfig(TrainConfig):
     warm_up: int = opt(10, "linear warm-up steps", ge=0)
     steps: int = opt(200, "optimizer steps", ge=1)
     batch_size: int = opt(8, "preference pairs per micro-batch per rank", ge=1)
+    total_batch_size: int = opt(0, "preference pairs per optimizer step across ranks and micro-steps; 0 means one "
+                                   "micro-batch of --batch_size per rank", ge=0)
     eval_rate: int = opt(50, "evaluate on the held-out pairs every this many steps (0 = never)", ge=0)
 
 
@@ -340,6 +360,8 @@ class GRPOConfig(TrainConfig):
     weight_decay: float = opt(0.0, "AdamW weight decay (matrices only)", ge=0)
     steps: int = opt(300, "optimizer steps", ge=1)
     batch_size: int = opt(16, "prompts per micro-batch per rank (each sampled group_size times)", ge=1)
+    total_batch_size: int = opt(0, "prompts per optimizer step across ranks and micro-steps; 0 means one "
+                                   "micro-batch of --batch_size per rank", ge=0)
     eval_rate: int = opt(100, "evaluate held-out accuracy every this many steps (0 = never)", ge=0)
 
 
@@ -574,7 +596,8 @@ def readme_blocks() -> dict[str, str]:
     """Every generated README block by name."""
     blocks = {"train_tokenizer.py": TrainTokenizerConfig, "tokenize_data.py": TokenizeDataConfig,
               "train.py": TrainConfig, "model": ModelArgs, "generate.py": GenerateConfig,
-              "hf_interop.py": ExportConfig, "dpo.py": DPOConfig, "rl.py": GRPOConfig, "data_loader.py": CheckDataConfig, "tokenizer.py": InspectTokenizerConfig}
+              "hf_interop.py": ExportConfig, "dpo.py": DPOConfig, "rl.py": GRPOConfig,
+              "tasks.py": TaskSFTConfig, "data_loader.py": CheckDataConfig, "tokenizer.py": InspectTokenizerConfig}
     out = {name: options_markdown(cls) for name, cls in blocks.items()}
     out["presets"] = presets_markdown()
     return out

@@ -289,3 +289,212 @@ def reference_logps(model: torch.nn.Module, pairs: Sequence[Pair], pad_id: int, 
         chosen.append(c)
         rejected.append(r)
     return torch.cat(chosen), torch.cat(rejected)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Stage plumbing shared with rl.py: the tokenizer and architecture of the starting model, batches counted in
+# examples, the frozen reference
+
+
+def stored_meta(cfg) -> dict[str, Any] | None:
+    """The meta (model_args, tokenizer) of the model this run continues: its own latest checkpoint when resuming,
+    else --init_from (a checkpoint or a HF folder); None for a new model."""
+    import checkpoint
+
+    root = Path(cfg.save_file_name)
+    if cfg.resume and root.is_dir():
+        found = checkpoint.latest_checkpoint(root)
+        if found is not None:
+            return checkpoint.read_meta(found)
+    if cfg.init_from:
+        if checkpoint.is_hf_model_folder(cfg.init_from):
+            import hf_interop
+
+            folder = Path(cfg.init_from)
+            tok = hf_interop.folder_tokenizer_meta(folder)
+            if tok is not None:
+                tok["path"] = str((folder / "tokenizer.json").resolve())
+            return {"model_args": hf_interop.from_hf_config(hf_interop.read_hf_config(folder)).to_dict(),
+                    "tokenizer": tok}
+        return checkpoint.read_meta(checkpoint.resolve_checkpoint(cfg.init_from))
+    return None
+
+
+def load_stage_tokenizer(cfg):
+    """The tokenizer of the starting model (the one it records, checked by fingerprint), or the options' one."""
+    import tokenizer as tokenizer_lib
+
+    meta = stored_meta(cfg)
+    if meta is None:
+        return tokenizer_lib.load_tokenizer(cfg)
+    return tokenizer_lib.load_recorded_tokenizer(cfg, meta.get("tokenizer"), cfg.init_from or cfg.save_file_name)
+
+
+def count_batches_in_examples(cfg, overrides: dict[str, Any]) -> None:
+    """Preference pairs and prompts are counted in examples, not tokens: --total_batch_size is examples per
+    optimizer step (0: one micro-batch of --batch_size per rank). The core plans its micro-steps in tokens, so the
+    count is turned into padded tokens of --seq_len (0: the model's max_seq_len), which caps every sequence."""
+    import os
+
+    from config import model_args_from_preset
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if cfg.seq_len == 0:
+        meta = stored_meta(cfg)
+        if "max_seq_len" in overrides:
+            cfg.seq_len = int(overrides["max_seq_len"])
+        elif meta is not None:
+            cfg.seq_len = int(meta["model_args"]["max_seq_len"])
+        else:
+            cfg.seq_len = model_args_from_preset(cfg.model).max_seq_len
+    per_step = cfg.total_batch_size or cfg.batch_size * world
+    if per_step % (cfg.batch_size * world):
+        raise UserError(f"--total_batch_size {per_step} (examples per step) is not a multiple of --batch_size x "
+                        f"ranks = {cfg.batch_size * world}; use {cfg.batch_size * world * max(1, per_step // (cfg.batch_size * world))}")
+    cfg.examples_per_step = per_step
+    cfg.total_batch_size = per_step * cfg.seq_len
+
+
+def reference_model(run) -> torch.nn.Module:
+    """A frozen copy of the --init_from weights (also when resuming: the reference never moves)."""
+    import checkpoint
+    from train import build_model
+
+    if not run.cfg.init_from:
+        raise UserError(f"{Path(__import__('sys').argv[0]).name} needs --init_from (the model to tune, which is "
+                        f"also the reference); resume with the same --init_from")
+    model = build_model(run.args, run.dist.device)
+    if run.init_state is not None:
+        model.load_state_dict(run.init_state, strict=True)
+    else:
+        loaded, _ = checkpoint.load_model(run.cfg.init_from, device="cpu")
+        model.load_state_dict(loaded.state_dict(), strict=True)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The DPO stage
+
+
+class PairSource:
+    """Micro-batches of --batch_size pairs: a seeded order per epoch, rank-strided; the precomputed reference
+    log-probabilities ride along when there are some."""
+
+    def __init__(self, pairs: Sequence[Pair], batch_size: int, pad_id: int, seed: int, rank: int = 0,
+                 world_size: int = 1, ref: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        self.pairs, self.batch_size, self.pad_id, self.seed = list(pairs), batch_size, pad_id, seed
+        self.rank, self.world_size, self.ref = rank, world_size, ref
+        self.epoch, self.position = 0, 0
+        self.order = self._order(0)
+
+    def _order(self, epoch: int) -> list[int]:
+        order = list(range(len(self.pairs)))
+        random.Random(self.seed + epoch).shuffle(order)
+        return order
+
+    def next_batch(self) -> dict[str, Any]:
+        picked = []
+        while len(picked) < self.batch_size:
+            index = self.position * self.world_size + self.rank
+            if index >= len(self.order):
+                self.epoch, self.position = self.epoch + 1, 0
+                self.order = self._order(self.epoch)
+                continue
+            picked.append(self.order[index])
+            self.position += 1
+        return make_batch([self.pairs[i] for i in picked], self.pad_id, self.ref, picked)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self.order = self._order(self.epoch)
+
+
+def make_batch(pairs: Sequence[Pair], pad_id: int, ref: tuple[torch.Tensor, torch.Tensor] | None,
+               indices: Sequence[int]) -> dict[str, Any]:
+    batch = collate(pairs, pad_id)
+    if ref is not None:
+        batch["ref_chosen"] = ref[0][list(indices)]
+        batch["ref_rejected"] = ref[1][list(indices)]
+    return batch
+
+
+class DPOTask:
+    """The preference stage on the training core: pairs in, the DPO-family loss and its metrics out."""
+
+    def __init__(self, run) -> None:
+        cfg, d, tok = run.cfg, run.dist, run.tokenizer
+        check_loss_options(cfg.loss_type, cfg.beta, cfg.label_smoothing)
+        self.cfg = cfg
+        reference = reference_model(run)
+        rows = read_rows(cfg.dataset_path_huggingface, cfg.dataset_sub_set, cfg.dataset_split)
+        pairs, dropped = encode_rows(tok, rows, run.seq_len)
+        if not pairs:
+            raise UserError(f"no preference pair fits --seq_len {run.seq_len} tokens ({dropped} dropped); raise "
+                            f"--seq_len (and --max_seq_len) or use shorter pairs")
+        train_pairs, val_pairs = split_holdout(pairs, cfg.val_fraction if cfg.eval_rate else 0.0, cfg.seed)
+        if d.is_main:
+            run.logger.print(f"preference pairs: {len(train_pairs)} train, {len(val_pairs)} held out, {dropped} "
+                             f"dropped (longer than --seq_len {run.seq_len})", True)
+        self.val_pairs = val_pairs
+        self.reference: torch.nn.Module | None = reference
+        train_ref = self.val_ref = None
+        if cfg.precompute_ref:
+            show = d.is_main and not cfg.quiet
+            train_ref = reference_logps(reference, train_pairs, tok.pad_id, cfg.batch_size, d.device, show)
+            self.val_ref = reference_logps(reference, val_pairs, tok.pad_id, cfg.batch_size, d.device, show) \
+                if val_pairs else None
+            self.reference = None  # the reference model is not kept
+            del reference
+        self.pad_id = tok.pad_id
+        self.train_source = PairSource(train_pairs, cfg.batch_size, tok.pad_id, cfg.seed, d.rank, d.world_size,
+                                       train_ref)
+
+    def loss(self, model: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        cfg = self.cfg
+        tokens, targets = batch["tokens"], batch["targets"]
+        logps = sequence_logps(model, tokens, targets)
+        pc, pr = logps.chunk(2)
+        if "ref_chosen" in batch:
+            rc, rr = batch["ref_chosen"].to(logps.dtype), batch["ref_rejected"].to(logps.dtype)
+        else:
+            with torch.no_grad():
+                rc, rr = sequence_logps(self.reference, tokens, targets).to(logps.dtype).chunk(2)
+        nc, nr = batch["completion_tokens"].chunk(2)
+        losses, chosen_rewards, rejected_rewards = dpo_loss(pc, pr, rc, rr, cfg.beta, cfg.loss_type,
+                                                            cfg.label_smoothing, nc, nr)
+        metrics = pair_metrics(losses, chosen_rewards, rejected_rewards, pc, pr)
+        metrics.pop("loss")
+        return losses.mean(), metrics
+
+    def evaluate(self, run) -> dict[str, float]:
+        from train import evaluate_loss
+
+        if not self.val_pairs:
+            return {}
+        d, size = run.dist, self.cfg.batch_size
+        starts = list(range(0, len(self.val_pairs), size))[d.rank::d.world_size]
+        batches = (make_batch(self.val_pairs[s:s + size], self.pad_id, self.val_ref,
+                              range(s, min(s + size, len(self.val_pairs)))) for s in starts)
+        results = evaluate_loss(run, batches, self.loss, total=len(starts))
+        return {f"val_{k}": v for k, v in results.items()}
+
+
+def main(argv: list[str] | None = None) -> None:
+    from config import DPOConfig, parse_config
+    from train import run_stage
+
+    cfg, overrides = parse_config(DPOConfig, argv, description=__doc__.split("\n\n")[0], with_model_args=True)
+    count_batches_in_examples(cfg, overrides)
+    run_stage(cfg, overrides, DPOTask, load_stage_tokenizer)
+
+
+if __name__ == "__main__":
+    from config import run_main
+
+    run_main(main)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import math
+import random
 import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -227,6 +228,7 @@ class RolloutSource:
         self.current: dict[str, Any] | None = None
         self.uses = 0
         self.last_handout: float | None = None
+        self.last_tokens = 0
         self._order = self._make_order(0)
 
     def _make_order(self, epoch: int) -> list[int]:
@@ -263,14 +265,23 @@ class RolloutSource:
 
         if self.current is not None and self.uses < self.num_iterations:
             self.uses += 1
-            return {**self.current, "fresh": False}
-        now = time.perf_counter()
-        train_s = now - self.last_handout if self.last_handout is not None else float("nan")
+            return self._hand_out(self.current, False)
         batch = self._sample()
-        batch["train_s_previous"] = train_s
         self.current, self.uses = batch, 1
-        self.last_handout = time.perf_counter()
-        return {**batch, "fresh": True}
+        return self._hand_out(batch, True)
+
+    def _hand_out(self, batch: dict[str, Any], fresh: bool) -> dict[str, Any]:
+        """The batch, with the training speed of the previous one: its trained (completion) tokens over the time
+        from its hand-out to this call, less this batch's generation (forward, backward, optimizer, logging)."""
+        import time
+
+        now = time.perf_counter()
+        rate = 0.0
+        if self.last_handout is not None:
+            spent = now - self.last_handout - (batch["gen_s"] if fresh else 0.0)
+            rate = self.last_tokens / max(spent, 1e-9)
+        self.last_handout, self.last_tokens = now, int((batch["targets"] >= 0).sum())
+        return {**batch, "fresh": fresh, "train_tokens_per_s_previous": rate}
 
     @torch.no_grad()
     def _sample(self) -> dict[str, Any]:
@@ -324,11 +335,113 @@ def rollout_loss(model: torch.nn.Module, batch: dict[str, Any], clip_eps: float,
     metrics = {"reward": rewards.mean(), "accuracy": (rewards >= 1.0).float().mean(),
                "completion_len": batch["completion_len"].mean(), **stats,
                "reward_errors": torch.tensor(float(batch["reward_errors"]))}
-    if batch.get("fresh", True):
-        gen_s = max(batch["gen_s"], 1e-9)
-        metrics["gen_s"] = torch.tensor(gen_s)
-        metrics["gen_tokens_per_s"] = torch.tensor(batch["gen_tokens"] / gen_s)
-        train_s = batch.get("train_s_previous", float("nan"))
-        if math.isfinite(train_s):
-            metrics["train_s"] = torch.tensor(train_s)
+    # the same names every micro-step and rank (the core averages them in one collective); a reused batch
+    # (--num_iterations) spent no generation time
+    fresh = batch.get("fresh", True)
+    metrics["gen_s"] = torch.tensor(batch["gen_s"] if fresh else 0.0)
+    metrics["gen_tokens_per_s"] = torch.tensor(batch["gen_tokens"] / max(batch["gen_s"], 1e-9))
+    metrics["train_tokens_per_s"] = torch.tensor(batch.get("train_tokens_per_s_previous", 0.0))
     return loss, metrics
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The GRPO stage on the training core
+
+
+class GRPOTask:
+    """Rollouts in, the clipped GRPO loss and its metrics out; evaluation is greedy decoding of held-out prompts
+    (the built-in task's test set, or --val_fraction of the given prompts) scored by the reward."""
+
+    def __init__(self, run) -> None:
+        import tasks
+        from dpo import reference_model
+
+        cfg, d, tok = run.cfg, run.dist, run.tokenizer
+        self.cfg, self.tok = cfg, tok
+        self.reward_fn, reward_name = load_reward(cfg.reward)
+        items = read_prompts(cfg.dataset_path_huggingface, cfg.task, cfg.dataset_sub_set, cfg.dataset_split,
+                             cfg.prompt_column, cfg.answer_column)
+        if cfg.dataset_path_huggingface == "builtin":
+            held_out = [(p.prompt, p.answer) for p in tasks.problems(cfg.task, "test")]
+        else:
+            fraction = cfg.val_fraction if cfg.eval_rate else 0.0
+            order = list(range(len(items)))
+            random.Random(cfg.seed).shuffle(order)
+            n_val = 0 if fraction <= 0 else max(1, math.ceil(fraction * len(items)))
+            held_out = [items[i] for i in order[:n_val]]
+            items = [items[i] for i in order[n_val:]]
+        self.held_out = held_out[:cfg.eval_problems]
+        longest = max(len(tasks.encode_prompt(tok, p)) for p, _ in items[:2000])
+        if longest + cfg.max_new_tokens > run.seq_len:
+            raise UserError(f"prompts of up to {longest} tokens plus --max_new_tokens {cfg.max_new_tokens} exceed "
+                            f"--seq_len {run.seq_len}; lower --max_new_tokens or raise --seq_len/--max_seq_len")
+        reference = reference_model(run) if cfg.kl_coef > 0 else None
+        if d.is_main:
+            run.logger.print(f"GRPO: {len(items)} prompts x {cfg.group_size} completions, reward {reward_name}, "
+                             f"{len(self.held_out)} held-out prompts, KL coef {cfg.kl_coef}"
+                             f"{'' if reference is None else ' (reference kept)'}", True)
+
+        def report(line: str) -> None:
+            run.logger.print(f"warning: {line}", True)
+            run.logger.record("reward_error", 0, message=line)
+
+        self.train_source = RolloutSource(
+            run.raw, tok, items, self.reward_fn, prompts_per_batch=cfg.batch_size, group_size=cfg.group_size,
+            max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+            num_iterations=cfg.num_iterations, seed=cfg.seed, device=d.device, rank=d.rank,
+            world_size=d.world_size, reference=reference, report=report)
+
+    def loss(self, model: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return rollout_loss(model, batch, self.cfg.clip_eps, self.cfg.kl_coef)
+
+    def evaluate(self, run) -> dict[str, float]:
+        return evaluate_prompts(run, self.held_out, self.reward_fn, self.cfg.max_new_tokens)
+
+
+@torch.no_grad()
+def evaluate_prompts(run, items: Sequence[tuple[str, str | None]], reward_fn: RewardFn, max_new_tokens: int,
+                     batch_size: int = 250) -> dict[str, float]:
+    """Greedy completions of the held-out prompts (each rank a slice) -> mean reward, accuracy (reward >= 1)
+    and completion length over all of them."""
+    import tasks
+    from generate import generate
+    from train import mean_over_ranks
+
+    d, tok, model = run.dist, run.tokenizer, run.raw
+    mine = list(items)[d.rank::d.world_size]
+    rewards: list[float] = []
+    lengths: list[int] = []
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(mine), batch_size):
+            chunk = mine[start:start + batch_size]
+            out = generate(model, [tasks.encode_prompt(tok, p) for p, _ in chunk], max_new_tokens,
+                           temperature=0.0, eos_id=tok.eos_id, pad_id=tok.pad_id, vocab_size=tok.vocab_size)
+            texts = [tasks.completion_text(tok, c) for c in out]
+            got, _ = score(reward_fn, [p for p, _ in chunk], texts, [a for _, a in chunk], lambda line: None)
+            rewards += got
+            lengths += [len(c) for c in out]
+    finally:
+        model.train(was_training)
+    sums = {"test_reward": torch.tensor(sum(rewards), dtype=torch.float64, device=d.device),
+            "test_accuracy": torch.tensor(float(sum(r >= 1.0 for r in rewards)), dtype=torch.float64,
+                                          device=d.device),
+            "test_completion_len": torch.tensor(float(sum(lengths)), dtype=torch.float64, device=d.device)}
+    return mean_over_ranks(sums, len(mine), d)
+
+
+def main(argv: list[str] | None = None) -> None:
+    from config import GRPOConfig, parse_config
+    from dpo import count_batches_in_examples, load_stage_tokenizer
+    from train import run_stage
+
+    cfg, overrides = parse_config(GRPOConfig, argv, description=__doc__.split("\n\n")[0], with_model_args=True)
+    count_batches_in_examples(cfg, overrides)
+    run_stage(cfg, overrides, GRPOTask, load_stage_tokenizer)
+
+
+if __name__ == "__main__":
+    from config import run_main
+
+    run_main(main)

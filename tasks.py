@@ -1,4 +1,7 @@
-"""Built-in verifiable tasks for reward tuning (rl.py) and preference tuning (dpo.py), generated offline.
+"""Built-in verifiable tasks for reward tuning (rl.py) and preference tuning (dpo.py), generated offline, and a
+short supervised fine-tuning on a task's format (the step before rl.py), on the training core.
+
+    python tasks.py --task add2 --model tiny --tokenizer_path tokenizer --max_seq_len 32 --save_file_name sft_add2
 
     add2     two-digit addition: "37+58=" -> "95"
     add3     three-digit addition: "372+581=" -> "953"
@@ -145,3 +148,88 @@ def accuracy(model: torch.nn.Module, tok, items: Sequence[Problem], max_new_toke
         model.train(was_training)
     correct = sum(exact_match(p.prompt, t, p.answer) for p, t in zip(items, texts))
     return correct / max(len(items), 1), texts
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Supervised fine-tuning on a task's format (python tasks.py ...)
+
+
+class ProblemSource:
+    """Micro-batches of --batch_size training problems: a seeded order per epoch, rank-strided."""
+
+    def __init__(self, tok, items: Sequence[Problem], batch_size: int, seed: int, rank: int = 0,
+                 world_size: int = 1) -> None:
+        self.tok, self.items, self.batch_size, self.seed = tok, list(items), batch_size, seed
+        self.rank, self.world_size = rank, world_size
+        self.epoch, self.position = 0, 0
+        self.order = self._order(0)
+
+    def _order(self, epoch: int) -> list[int]:
+        order = list(range(len(self.items)))
+        random.Random(self.seed + epoch).shuffle(order)
+        return order
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        picked = []
+        while len(picked) < self.batch_size:
+            index = self.position * self.world_size + self.rank
+            if index >= len(self.order):
+                self.epoch, self.position = self.epoch + 1, 0
+                self.order = self._order(self.epoch)
+                continue
+            picked.append(self.items[self.order[index]])
+            self.position += 1
+        return supervised_batch(self.tok, [(p.prompt, p.answer) for p in picked])
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self.order = self._order(self.epoch)
+
+
+def held_out_accuracy(run, items: Sequence[Problem], max_new_tokens: int = 8) -> dict[str, float]:
+    """Greedy exact-match accuracy on the held-out problems, each rank a slice, averaged over every problem."""
+    from train import mean_over_ranks
+
+    d = run.dist
+    mine = list(items)[d.rank::d.world_size]
+    acc, _ = accuracy(run.raw, run.tokenizer, mine, max_new_tokens) if mine else (0.0, [])
+    sums = {"accuracy": torch.tensor(acc * len(mine), dtype=torch.float64, device=d.device)}
+    return mean_over_ranks(sums, len(mine), d)
+
+
+class TaskSFT:
+    """Answer-only next-token loss on a built-in task's training problems; held-out exact-match accuracy."""
+
+    def __init__(self, run) -> None:
+        cfg, d = run.cfg, run.dist
+        self.test = problems(cfg.task, "test")[:cfg.eval_problems]
+        self.train_source = ProblemSource(run.tokenizer, problems(cfg.task, "train"), cfg.batch_size, cfg.seed,
+                                          d.rank, d.world_size)
+
+    @staticmethod
+    def loss(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]):
+        x, y = batch
+        return model(x, y), {}
+
+    def evaluate(self, run) -> dict[str, float]:
+        return {"test_accuracy": held_out_accuracy(run, self.test)["accuracy"]}
+
+
+def main(argv=None) -> None:
+    from config import TaskSFTConfig, parse_config
+    from dpo import count_batches_in_examples, load_stage_tokenizer
+    from train import run_stage
+
+    cfg, overrides = parse_config(TaskSFTConfig, argv, description=__doc__.split("\n\n")[0],
+                                  with_model_args=True)
+    count_batches_in_examples(cfg, overrides)
+    run_stage(cfg, overrides, TaskSFT, load_stage_tokenizer)
+
+
+if __name__ == "__main__":
+    from config import run_main
+
+    run_main(main)
