@@ -303,7 +303,7 @@ def stored_meta(cfg) -> dict[str, Any] | None:
 
     root = Path(cfg.save_file_name)
     if cfg.resume and root.is_dir():
-        found = checkpoint.latest_checkpoint(root)
+        found = checkpoint.find_checkpoint(root, (checkpoint.read_run(root) or {}).get("run_id"))
         if found is not None:
             return checkpoint.read_meta(found)
     if cfg.init_from:

@@ -271,3 +271,61 @@ def test_holdout_split_is_seeded_and_disjoint():
     assert not {p.chosen[0] for p in train} & {p.chosen[0] for p in val}
     rng = random.Random(0)
     del rng
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The command line, on the training core
+
+from tests.conftest import run_script  # noqa: E402
+from tests.stage_fixtures import tiny_checkpoint  # noqa: E402
+
+ENV = {"OMP_NUM_THREADS": "1"}
+
+
+def _records(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_cli_trains_logs_rewards_evaluates_and_resumes(tmp_path):
+    start, _ = tiny_checkpoint(tmp_path)
+    data = tmp_path / "prefs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS * 5))
+    common = ["--init_from", str(start), "--dataset_path_huggingface", str(data), "--save_file_name",
+              str(tmp_path / "run"), "--batch_size", "2", "--eval_rate", "2", "--val_fraction", "0.2",
+              "--lr", "1e-3", "--precompute_ref", "--quiet"]
+    first = run_script("dpo.py", *common, "--steps", "2", env=ENV)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert "16 train, 4 held out, 0 dropped" in first.stdout
+    second = run_script("dpo.py", *common, "--steps", "4", env=ENV)
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "resuming from" in second.stdout
+    records = _records(tmp_path / "run" / "log.jsonl")
+    train = [r for r in records if r["kind"] == "train"]
+    evals = [r for r in records if r["kind"] == "eval"]
+    assert [r["step"] for r in train] == [1, 2, 3, 4]
+    for key in ("loss", "reward_chosen", "reward_rejected", "reward_accuracy", "reward_margin"):
+        assert all(math.isfinite(r[key]) for r in train), key
+    assert train[0]["reward_margin"] == 0.0  # the policy starts as the reference
+    assert [r["step"] for r in evals] == [2, 4]
+    for key in ("val_loss", "val_reward_accuracy", "val_reward_margin", "val_reward_chosen"):
+        assert key in evals[-1]
+
+
+@pytest.mark.parametrize("args,needle", [
+    ([], "needs --init_from"),
+    (["--loss_type", "ipo", "--label_smoothing", "0.1"], "label_smoothing applies"),
+    (["--dataset_path_huggingface", "missing.jsonl"], "does not exist"),
+    (["--beta", "0"], "--beta must be > 0"),
+])
+def test_cli_mistakes_are_one_line_errors(args, needle, tmp_path):
+    start, _ = tiny_checkpoint(tmp_path)
+    init = [] if not args else ["--init_from", str(start)]
+    if not args:  # no --init_from: the tokenizer comes from the options
+        init = ["--tokenizer_path", str(tmp_path / "tok")]
+    proc = run_script("dpo.py", *init, *args, "--save_file_name", str(tmp_path / "run"), "--steps", "1",
+                      cwd=tmp_path, env=ENV)
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], proc.stderr[-2000:]
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").glob("step_*"))
