@@ -226,3 +226,60 @@ def test_exact_match_reward():
     assert tasks.exact_match("1+1=", " 2 ", "2") == 1.0
     assert tasks.exact_match("1+1=", "22", "2") == 0.0
     assert tasks.exact_match("1+1=", "2", None) == 0.0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The command line, on the training core
+
+import json  # noqa: E402
+
+from tests.conftest import run_script  # noqa: E402
+from tests.stage_fixtures import tiny_checkpoint  # noqa: E402
+
+ENV = {"OMP_NUM_THREADS": "1"}
+
+FLAKY_REWARD = '''
+def score(prompt, completion, answer):
+    if len(completion) % 2:
+        raise ValueError("odd length " + str(len(completion)))
+    return float(completion.strip() == answer)
+'''
+
+
+@pytest.mark.slow
+def test_cli_runs_with_a_failing_reward_function_and_logs_the_metrics(tmp_path):
+    start, _ = tiny_checkpoint(tmp_path)
+    (tmp_path / "flaky.py").write_text(FLAKY_REWARD)
+    proc = run_script("rl.py", "--init_from", str(start), "--save_file_name", str(tmp_path / "run"), "--steps", "2",
+                      "--batch_size", "2", "--group_size", "4", "--max_new_tokens", "4", "--kl_coef", "0.05",
+                      "--reward", f"{tmp_path / 'flaky.py'}:score", "--eval_rate", "2", "--eval_problems", "8",
+                      env=ENV, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    warnings = [line for line in proc.stdout.splitlines() if "reward function failed on sample" in line]
+    assert warnings and "ValueError: odd length" in warnings[0] and "prompt '" in warnings[0]
+    records = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["kind"] == "train"]
+    assert [r["step"] for r in train] == [1, 2]
+    for key in ("reward", "accuracy", "completion_len", "kl", "gen_tokens_per_s", "train_tokens_per_s",
+                "reward_errors"):
+        assert key in train[-1], key
+    assert sum(r["reward_errors"] for r in train) > 0
+    evals = [r for r in records if r["kind"] == "eval"]
+    assert evals and "test_accuracy" in evals[-1]
+    assert (tmp_path / "run" / "step_000002").is_dir()
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--reward", "nocolon"], "not module:function"),
+    (["--reward", "no_such_module_xyz:f"], "cannot import"),
+    (["--max_new_tokens", "40"], "exceed --seq_len"),
+    (["--group_size", "1"], "--group_size must be >= 2"),
+    (["--dataset_path_huggingface", "missing.jsonl"], "does not exist"),
+])
+def test_cli_mistakes_are_one_line_errors(args, needle, tmp_path):
+    start, _ = tiny_checkpoint(tmp_path)
+    proc = run_script("rl.py", "--init_from", str(start), *args, "--save_file_name", str(tmp_path / "run"),
+                      "--steps", "1", cwd=tmp_path, env=ENV)
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], proc.stderr[-2000:]
