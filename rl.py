@@ -22,6 +22,7 @@ import importlib.util
 import math
 import random
 import sys
+import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -261,8 +262,6 @@ class RolloutSource:
         self.current, self.uses = None, 0
 
     def next_batch(self) -> dict[str, Any]:
-        import time
-
         if self.current is not None and self.uses < self.num_iterations:
             self.uses += 1
             return self._hand_out(self.current, False)
@@ -273,8 +272,6 @@ class RolloutSource:
     def _hand_out(self, batch: dict[str, Any], fresh: bool) -> dict[str, Any]:
         """The batch, with the training speed of the previous one: its trained (completion) tokens over the time
         from its hand-out to this call, less this batch's generation (forward, backward, optimizer, logging)."""
-        import time
-
         now = time.perf_counter()
         rate = 0.0
         if self.last_handout is not None:
@@ -285,8 +282,6 @@ class RolloutSource:
 
     @torch.no_grad()
     def _sample(self) -> dict[str, Any]:
-        import time
-
         import tasks
         from generate import generate
 
