@@ -276,15 +276,21 @@ def split_holdout(pairs: Sequence[Pair], fraction: float, seed: int) -> tuple[li
 
 @torch.no_grad()
 def reference_logps(model: torch.nn.Module, pairs: Sequence[Pair], pad_id: int, batch_size: int,
-                    device: torch.device, show_bar: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed reference log-probabilities of every pair's chosen and rejected completion: two float64 [N]."""
+                    device: torch.device, show_bar: bool = False, dtype: str = "fp32"
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed reference log-probabilities of every pair's chosen and rejected completion: two float64 [N],
+    computed in the training forward's precision (dtype)."""
     from tqdm import tqdm
+
+    from common import autocast_context
 
     chosen, rejected = [], []
     for start in tqdm(range(0, len(pairs), batch_size), desc="reference log-probs", disable=not show_bar,
                       leave=False, dynamic_ncols=True):
         batch = collate(pairs[start:start + batch_size], pad_id)
-        logps = sequence_logps(model, batch["tokens"].to(device), batch["targets"].to(device)).double().cpu()
+        with autocast_context(dtype, device):
+            logps = sequence_logps(model, batch["tokens"].to(device), batch["targets"].to(device))
+        logps = logps.double().cpu()
         c, r = logps.chunk(2)
         chosen.append(c)
         rejected.append(r)
@@ -446,9 +452,10 @@ class DPOTask:
         train_ref = self.val_ref = None
         if cfg.precompute_ref:
             show = d.is_main and not cfg.quiet
-            train_ref = reference_logps(reference, train_pairs, tok.pad_id, cfg.batch_size, d.device, show)
-            self.val_ref = reference_logps(reference, val_pairs, tok.pad_id, cfg.batch_size, d.device, show) \
-                if val_pairs else None
+            train_ref = reference_logps(reference, train_pairs, tok.pad_id, cfg.batch_size, d.device, show,
+                                        run.dtype)
+            self.val_ref = reference_logps(reference, val_pairs, tok.pad_id, cfg.batch_size, d.device, show,
+                                           run.dtype) if val_pairs else None
             self.reference = None  # the reference model is not kept
             del reference
         self.pad_id = tok.pad_id

@@ -17,6 +17,7 @@ number, scores that completion 0 and is reported with the failing sample; the ru
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import math
@@ -215,7 +216,8 @@ class RolloutSource:
                  *, prompts_per_batch: int, group_size: int, max_new_tokens: int, temperature: float, top_p: float,
                  top_k: int, num_iterations: int, seed: int, device: torch.device, rank: int = 0,
                  world_size: int = 1, reference: torch.nn.Module | None = None,
-                 report: Callable[[str], None] = print, encode_prompt: Callable | None = None) -> None:
+                 report: Callable[[str], None] = print, encode_prompt: Callable | None = None,
+                 autocast: Callable[[], Any] | None = None) -> None:
         import tasks
 
         self.policy, self.tok, self.items, self.reward_fn = policy, tok, list(items), reward_fn
@@ -224,6 +226,8 @@ class RolloutSource:
         self.num_iterations, self.seed, self.device = num_iterations, seed, device
         self.rank, self.world_size, self.reference, self.report = rank, world_size, reference, report
         self.encode_prompt = encode_prompt or tasks.encode_prompt
+        # the precision of the training forward, so that pi_old and the reference match what the loss computes
+        self.autocast = autocast or contextlib.nullcontext
         self.epoch, self.position = 0, 0
         self.generator = torch.Generator(device="cpu").manual_seed(seed * 1000 + rank)
         self.current: dict[str, Any] | None = None
@@ -291,9 +295,11 @@ class RolloutSource:
         self.policy.eval()
         t0 = time.perf_counter()
         try:
-            completions = generate(self.policy, prompts, self.max_new_tokens, temperature=self.temperature,
-                                   top_p=self.top_p, top_k=self.top_k, generator=self.generator,
-                                   eos_id=self.tok.eos_id, pad_id=self.tok.pad_id, vocab_size=self.tok.vocab_size)
+            with self.autocast():
+                completions = generate(self.policy, prompts, self.max_new_tokens, temperature=self.temperature,
+                                       top_p=self.top_p, top_k=self.top_k, generator=self.generator,
+                                       eos_id=self.tok.eos_id, pad_id=self.tok.pad_id,
+                                       vocab_size=self.tok.vocab_size)
         finally:
             self.policy.train(was_training)
         gen_s = time.perf_counter() - t0
@@ -310,10 +316,11 @@ class RolloutSource:
             "rewards": rewards_t, "completion_len": torch.tensor([float(len(c)) for c in completions]),
             "gen_s": gen_s, "gen_tokens": sum(len(c) for c in completions), "reward_errors": failures,
         }
-        if self.num_iterations > 1:  # pi_old: the sampling policy's log-probs, from the training forward
-            batch["old_logps"] = token_logps(self.policy, tokens, targets).detach()
-        if self.reference is not None:
-            batch["ref_logps"] = token_logps(self.reference, tokens, targets).detach()
+        with self.autocast():
+            if self.num_iterations > 1:  # pi_old: the sampling policy's log-probs, from the training forward
+                batch["old_logps"] = token_logps(self.policy, tokens, targets).float()
+            if self.reference is not None:
+                batch["ref_logps"] = token_logps(self.reference, tokens, targets).float()
         return batch
 
 
@@ -349,6 +356,7 @@ class GRPOTask:
 
     def __init__(self, run) -> None:
         import tasks
+        from common import autocast_context
         from dpo import reference_model
 
         cfg, d, tok = run.cfg, run.dist, run.tokenizer
@@ -384,7 +392,8 @@ class GRPOTask:
             run.raw, tok, items, self.reward_fn, prompts_per_batch=cfg.batch_size, group_size=cfg.group_size,
             max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
             num_iterations=cfg.num_iterations, seed=cfg.seed, device=d.device, rank=d.rank,
-            world_size=d.world_size, reference=reference, report=report)
+            world_size=d.world_size, reference=reference, report=report,
+            autocast=lambda: autocast_context(run.dtype, d.device))
 
     def loss(self, model: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         return rollout_loss(model, batch, self.cfg.clip_eps, self.cfg.kl_coef)

@@ -8,7 +8,8 @@ children's time):
   1. train_tokenizer.py on the built-in corpus (vocab 512; digits are single tokens),
   2. tasks.py: a short SFT of a fresh tiny model on the task's format (answer-only loss),
   3. rl.py: GRPO from the SFT checkpoint (G completions per prompt through the latent KV cache, exact-match
-     reward, group-normalised advantages, clipped objective).
+     reward, group-normalised advantages, clipped objective),
+  4. the control: the same SFT run for as many more steps as GRPO took instead.
 The SFT checkpoint (the baseline) and the GRPO checkpoint are then scored here on the same held-out test problems
 (greedy decoding, exact match). Budgets are per-process CPU time (user + system of the stage's process), which the
 shared machine's load barely changes; wall time and the load average are printed too.
@@ -69,10 +70,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--task", default="add2", choices=("add2", "add3", "reverse"))
     parser.add_argument("--work_dir", default="bench_grpo_work")
-    parser.add_argument("--model", default="tiny")
+    parser.add_argument("--model", default="tiny-dense")
     parser.add_argument("--sft_steps", type=int, default=600)
-    parser.add_argument("--grpo_steps", type=int, default=400)
-    parser.add_argument("--prompts_per_step", type=int, default=64)
+    parser.add_argument("--grpo_steps", type=int, default=300)
+    parser.add_argument("--prompts_per_step", type=int, default=16)
     parser.add_argument("--group_size", type=int, default=8)
     parser.add_argument("--grpo_lr", type=float, default=3e-4)
     parser.add_argument("--test_problems", type=int, default=500)
@@ -93,6 +94,13 @@ def main() -> None:
                               "--max_seq_len", "32", "--save_file_name", str(sft_dir), "--steps",
                               str(opts.sft_steps), "--eval_rate", "0", "--resume=False", "--overwrite",
                               *common, threads=opts.threads)
+    # the control: the same SFT continued for as many more steps as GRPO takes (same seed and constant learning
+    # rate after the warm-up, so its first --sft_steps steps are the baseline's)
+    long_dir = work / f"sft_long_{opts.task}"
+    long_steps = opts.sft_steps + opts.grpo_steps
+    long_cpu, long_wall = stage("sft control", "tasks.py", "--task", opts.task, "--tokenizer_path", str(tok_dir),
+                                "--max_seq_len", "32", "--save_file_name", str(long_dir), "--steps", str(long_steps),
+                                "--eval_rate", "0", "--resume=False", "--overwrite", *common, threads=opts.threads)
     grpo_cpu, grpo_wall = stage("grpo", "rl.py", "--task", opts.task, "--init_from", str(sft_dir),
                                 "--save_file_name", str(grpo_dir), "--steps", str(opts.grpo_steps),
                                 "--batch_size", str(opts.prompts_per_step), "--group_size", str(opts.group_size),
@@ -100,6 +108,7 @@ def main() -> None:
                                 "--resume=False", "--overwrite", *common, threads=opts.threads)
     before = held_out_accuracy(sft_dir, opts.task, tok_dir, opts.test_problems)
     after = held_out_accuracy(grpo_dir, opts.task, tok_dir, opts.test_problems)
+    control = held_out_accuracy(long_dir, opts.task, tok_dir, opts.test_problems)
     records = [json.loads(line) for line in (grpo_dir / "log.jsonl").read_text().splitlines()]
     train = [r for r in records if r.get("kind") == "train"]
     first, last = train[:20], train[-20:]
@@ -111,6 +120,8 @@ def main() -> None:
     print("| --- | --- | --- | --- | --- |")
     print(f"| SFT (baseline) | {opts.sft_steps} | {sft_cpu:.0f} | {sft_wall:.0f} | {before:.3f} |")
     print(f"| + GRPO | {opts.grpo_steps} | {grpo_cpu:.0f} | {grpo_wall:.0f} | {after:.3f} |")
+    print(f"| SFT continued instead (control) | {long_steps} in all | {long_cpu:.0f} | {long_wall:.0f} | "
+          f"{control:.3f} |")
     print(f"GRPO / SFT accuracy ratio: {after / max(before, 1e-9):.2f} ({after - before:+.3f} absolute)")
     print(f"GRPO rollouts: {opts.prompts_per_step} prompts x {opts.group_size}; sampled reward "
           f"{mean(first, 'reward'):.3f} (first 20 steps) -> {mean(last, 'reward'):.3f} (last 20); "
