@@ -128,27 +128,12 @@ def read_meta(step_dir: Path | str) -> dict[str, Any]:
         raise UserError(f"checkpoint '{step_dir}' has an unreadable {META_FILE} ({e}); it is damaged") from e
 
 
-def is_hf_model_folder(path: Path | str) -> bool:
-    config = Path(path) / "config.json"
-    if not config.is_file():
-        return False
-    try:
-        return json.loads(config.read_text()).get("model_type") == "deepseek_v3"
-    except (OSError, json.JSONDecodeError):
-        return False
-
-
 def load_model(path: Path | str, device: str | torch.device = "cpu",
                dtype: torch.dtype | None = None) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Rebuild the model from a checkpoint's stored config and load its weights (memory-mapped on CPU).
-
-    Also accepts a HF DeepseekV3 model folder. Returns (model in eval mode, meta)."""
+    Returns (model in eval mode, meta). HF model folders: hf_interop.load_any_model."""
     from model import Transformer
 
-    if is_hf_model_folder(path):
-        from hf_interop import load_hf_model
-
-        return load_hf_model(Path(path), device=device, dtype=dtype)
     step_dir = resolve_checkpoint(path)
     meta = read_meta(step_dir)
     args = ModelArgs.from_dict(meta["model_args"])

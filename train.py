@@ -368,7 +368,9 @@ def train(cfg: TrainConfig, overrides: dict[str, Any], d: Dist) -> int:
                             f"use a new --save_file_name or --resume false to start over")
         args = stored_args
     elif cfg.init_from:
-        init_model, init_meta = checkpoint.load_model(cfg.init_from, device="cpu")
+        from hf_interop import load_any_model  # a HF DeepseekV3 folder or one of our checkpoints
+
+        init_model, init_meta = load_any_model(cfg.init_from, device="cpu")
         args = resolve_model_args(cfg, overrides, tok.vocab_size, init_meta)
     else:
         args = resolve_model_args(cfg, overrides, tok.vocab_size, None)
