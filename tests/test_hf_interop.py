@@ -282,9 +282,9 @@ def test_bf16_folder_with_fp32_router_loads_the_router_unrounded(tmp_path):
     tokens = torch.randint(0, args.vocab_size, (4, 24), generator=g)
     with torch.no_grad():
         torch.testing.assert_close(ours(tokens), hf(tokens).logits, atol=ATOL, rtol=0)
-    for n in (3, 5, 7, 9, 11, 4, 6, 8, 10, 12):
+    for n in (3, 5, 8, 11, 6, 9):
         prompt = torch.randint(3, args.vocab_size, (n,), generator=g).tolist()
-        assert generate(ours, [prompt], 16)[0] == hf_greedy(hf, prompt, 16, eos_id=None)
+        assert generate(ours, [prompt], 12)[0] == hf_greedy(hf, prompt, 12, eos_id=None)
 
 
 def test_bf16_model_routes_like_transformers_router(tmp_path):
@@ -473,7 +473,7 @@ def test_trained_model_exports_and_transformers_generates_from_it(tmp_path, caps
 def test_export_with_mistral_tokenizer_picked_from_the_checkpoint(tmp_path, capsys):
     """A checkpoint trained with Mistral-Nemo's tokenizer exports it (the CLI picks the kind the checkpoint
     records); transformers' tokenizer then encodes like ours, with bos first, and the ids match."""
-    mistral_common = pytest.importorskip("mistral_common")
+    import mistral_common  # a required test dependency (requirements-dev.txt)
     tekken = Path(mistral_common.__file__).parent / "data" / "tekken_240718.json"
     tok = tk.load_mistral_tokenizer(tekken)
     tok.backend.save(str(tmp_path / "mistral.json"))  # the same tokenizer, quicker to load than tekken.json
