@@ -2,7 +2,6 @@
 (dense and MoE, a batch of left-padded prompts of different lengths), determinism, and the CLI's one-line errors."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -659,7 +659,7 @@ def exported(tmp_path):
     return dict(ckpt=tmp_path / "ckpt", out=old, old=folder_bytes(old))
 
 
-def _export_cli(*args: str, preexec=None, code: str = "") -> "subprocess.CompletedProcess":
+def _export_cli(*args: str, preexec=None, code: str = ""):
     """The export CLI in a fresh interpreter; `code` runs first (to plant a kill)."""
     import os
     import subprocess
