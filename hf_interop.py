@@ -722,11 +722,7 @@ def load_any_model(path: Path | str, device: str | torch.device = "cpu",
     transformers keeps it."""
     if is_hf_model_folder(path):
         return load_hf_model(path, device=device, dtype=dtype)
-    try:
-        model, meta = checkpoint.load_model(path, device=device)
-    except SafetensorError as e:
-        raise UserError(f"could not read the weights of the checkpoint '{path}' ({first_line(e)}); it is "
-                        f"damaged") from None
+    model, meta = checkpoint.load_model(path, device=device)  # verified; the newest intact step of a run folder
     if dtype is not None:
         cast_keeping_router(model, dtype)
     return model, meta
