@@ -2,6 +2,7 @@
 (dense and MoE, a batch of left-padded prompts of different lengths), determinism, and the CLI's one-line errors."""
 from __future__ import annotations
 
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -457,14 +458,33 @@ def test_cli_input_and_option_mistakes_are_one_line(script, tiny_run):
     assert "-" not in text.split("at most")[1].split()[0]
 
 
-def test_cli_on_a_damaged_checkpoint_is_one_line(script, tiny_run, tmp_path):
+def _truncate(file: Path) -> None:
+    file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
+
+
+def test_cli_on_a_damaged_checkpoint(script, tiny_run, tmp_path):
+    """A truncated newest checkpoint: generate.py warns, naming it, and uses the newest intact one; when no
+    intact one is left, a one-line error."""
     import shutil
 
-    from checkpoint import WEIGHTS_FILE, latest_checkpoint
+    from checkpoint import WEIGHTS_FILE, read_meta, save_checkpoint
 
-    shutil.copytree(tiny_run["root"] / "ckpt", tmp_path / "ckpt")
-    weights = latest_checkpoint(tmp_path / "ckpt") / WEIGHTS_FILE
-    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
-    proc = script("generate.py", "--save_file_name", str(tmp_path / "ckpt"), "--tokenizer_path",
-                  str(tiny_run["root"] / "tokenizer"), cwd=tiny_run["root"], env=ENV)
-    _one_line_error(proc, "damaged")
+    root = tiny_run["root"]
+    shutil.copytree(root / "ckpt", tmp_path / "ckpt")
+    intact = read_meta(tmp_path / "ckpt" / "step_000003")
+    newer = save_checkpoint(tmp_path / "ckpt", 5, _random_model("tiny", vocab=tiny_run["tok"].vocab_size, seed=9,
+                                                               max_seq_len=64).float(),
+                            None, {k: intact[k] for k in ("model_args", "tokenizer")}, {}, keep=2)
+    _truncate(newer / WEIGHTS_FILE)
+    args = ("--tokenizer_path", str(root / "tokenizer"), "--input_text", "The cat", "--num_tokens_to_generate", "8",
+            "--temperature", "0", "--stream=False")
+    proc = script("generate.py", "--save_file_name", str(tmp_path / "ckpt"), *args, cwd=root, env=ENV)
+    assert proc.returncode == 0, proc.stderr
+    assert "step_000005" in proc.stderr and "damaged" in proc.stderr
+    assert _printed_lines(proc) == _reference_lines(tiny_run, "The cat", 1, 8, temperature=0.0, seed=0)
+    _truncate(tmp_path / "ckpt" / "step_000003" / WEIGHTS_FILE)
+    proc = script("generate.py", "--save_file_name", str(tmp_path / "ckpt"), *args, cwd=root, env=ENV)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    *warnings, error = proc.stderr.strip().splitlines()  # each damaged checkpoint named, then the error
+    assert len(warnings) == 2 and all(w.startswith("warning: skipping the damaged") for w in warnings)
+    assert error.startswith("error: every checkpoint") and "damaged" in error

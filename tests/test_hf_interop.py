@@ -758,11 +758,30 @@ def test_a_kill_between_the_renames_loses_nothing(exported):
 # a damaged checkpoint
 
 
-def test_export_of_a_truncated_checkpoint_is_a_one_line_error(tmp_path):
-    step = save_tiny_checkpoint(tmp_path / "ckpt", random_args(46), None, seed=46)
-    weights = step / checkpoint.WEIGHTS_FILE
+def test_export_of_a_damaged_checkpoint(tmp_path, capsys):
+    """A truncated newest checkpoint is named in a warning and the newest intact one exported; a truncated step
+    folder given by name, or a run folder with no intact one left, is an error (one line in the CLI), and no
+    output is left behind."""
+    args = random_args(46)
+    older = save_tiny_checkpoint(tmp_path / "ckpt", args, None, seed=46)
+    model = random_model(args, 47)
+    meta = {"model_args": args.to_dict(), "tokenizer": None, "train_config": {}}
+    newer = checkpoint.save_checkpoint(tmp_path / "ckpt", 9, model, None, meta, {}, keep=2)
+    weights = newer / checkpoint.WEIGHTS_FILE
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
-    result = _export_cli("--save_file_name", str(tmp_path / "ckpt"), "--output_dir", str(tmp_path / "hf"),
+    hfi.main(["--save_file_name", str(tmp_path / "ckpt"), "--output_dir", str(tmp_path / "hf"),
+              "--save_tokenizer=False"])
+    assert "step_000009" in capsys.readouterr().err
+    exported, _ = hfi.load_any_model(tmp_path / "hf")
+    assert_state_dicts_identical(exported.state_dict(), checkpoint.load_weights(older / checkpoint.WEIGHTS_FILE))
+
+    with pytest.raises(UserError) as e:
+        hfi.main(["--save_file_name", str(newer), "--output_dir", str(tmp_path / "x"), "--save_tokenizer=False"])
+    one_line(e.value, "damaged", "step_000009")
+    weights = older / checkpoint.WEIGHTS_FILE
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    result = _export_cli("--save_file_name", str(tmp_path / "ckpt"), "--output_dir", str(tmp_path / "x"),
                          "--save_tokenizer=False")
-    _assert_one_line_failure(result, "damaged")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error: every checkpoint")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "hf"]
