@@ -283,15 +283,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     texts = read_prompts(cfg)
 
     import tokenizer as tokenizer_mod
-    from hf_interop import cast_keeping_router, load_any_model
+    from hf_interop import load_any_model
 
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     torch.manual_seed(cfg.seed)
-    # dtype=None keeps the memory-mapped weights as stored; convert only when another dtype is asked for
-    model, meta = load_any_model(cfg.save_file_name, device=device, dtype=None)
-    if model_device_dtype(model)[1] != DTYPES[dtype]:
-        cast_keeping_router(model, DTYPES[dtype])
+    # weights already in the dtype asked for stay memory-mapped; others are converted (the router stays fp32)
+    model, meta = load_any_model(cfg.save_file_name, device=device, dtype=DTYPES[dtype])
     source = meta.get("hf_folder") or f"{cfg.save_file_name} (step {meta.get('step')})"
     tok = tokenizer_mod.load_recorded_tokenizer(cfg, meta.get("tokenizer"), f"the checkpoint {source}")
     model_vocab = model.args.vocab_size
