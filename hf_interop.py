@@ -170,11 +170,6 @@ def to_hf_config(args: ModelArgs, tokenizer: Any = None, dtype: torch.dtype | No
     return config
 
 
-def _get(config: Mapping[str, Any], key: str, default: Any = None) -> Any:
-    value = config.get(key, default)
-    return default if value is None else value
-
-
 _REQUIRED = object()
 _KINDS = {int: "an integer", float: "a finite number", bool: "true or false", str: "a string"}
 
@@ -801,7 +796,7 @@ def load_hf_model(folder: Path | str, device: str | torch.device = "cpu",
     except UserError as e:
         raise UserError(f"'{folder}': {e}") from None
     hf_sd = load_hf_weights(folder, device=device)
-    state_dict = from_hf_state_dict(hf_sd, args, rope_interleave=bool(_get(config, "rope_interleave", True)))
+    state_dict = from_hf_state_dict(hf_sd, args, rope_interleave=_value(config, "rope_interleave", bool, True))
     del hf_sd
     with torch.device("meta"):
         model = Transformer(args)
