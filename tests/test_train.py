@@ -531,3 +531,40 @@ def test_bad_output_paths_are_one_line_errors(corpus, tmp_path: Path, case: str)
     if case == "log_taken":
         assert (tmp_path / "log.jsonl").read_text() == '{"kind": "train", "step": 1}\n'
         assert not save.exists()
+
+
+@pytest.mark.slow
+def test_ddp_peer_death_is_one_line_from_the_survivor(corpus, tmp_path: Path) -> None:
+    import time
+
+    args = train_args(corpus, tmp_path / "ddp", *SMALL, "--steps", "100000", "--batch_size", "2",
+                      "--total_batch_size", "128", "--eval_rate", "0", "--save_rate", "100000")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **ONE_THREAD}
+    launcher = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                                 str(ROOT / "train.py"), *args], cwd=ROOT, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        for line in launcher.stdout:
+            if line.startswith("step      3/"):
+                break
+        victim = None
+        for _ in range(50):
+            for pid in os.listdir("/proc"):
+                try:
+                    environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+                    cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+                except (OSError, ValueError):
+                    continue
+                if b"LOCAL_RANK=1" in environ and str(tmp_path).encode() in cmdline:
+                    victim = int(pid)
+            if victim:
+                break
+            time.sleep(0.1)
+        assert victim, "rank 1 not found"
+        os.kill(victim, signal.SIGKILL)
+        _, err = launcher.communicate(timeout=120)
+    finally:
+        launcher.kill()
+    survivor = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(survivor) == 1 and survivor[0].startswith("error: rank 0: another rank stopped"), err[-3000:]
+    assert f'File "{ROOT / "train.py"}"' not in err  # no traceback from our own code
