@@ -353,18 +353,16 @@ def test_cli_batch_from_file_equals_single_prompts(script, tiny_run):
     assert lines[2] == "--- [1.0] " + text and lines[3] == "--- [1.1] " + text
 
 
-def test_cli_errors_are_one_line(script, tiny_run):
+def test_cli_errors_are_one_line(tiny_run):
     root = tiny_run["root"]
-    _one_line_error(_gen(script, tiny_run, "--input_text", "word " * 80, "--num_tokens_to_generate", "4"),
-                    "longer than the context of 64 tokens")
+    text = _main_error(tiny_run, "--input_text", "word " * 80, "--num_tokens_to_generate", "4")
+    assert "longer than the context of 64 tokens" in text
     n_prompt = 1 + len(tiny_run["tok"].encode("Hi"))  # bos + text
-    _one_line_error(_gen(script, tiny_run, "--input_text", "Hi", "--num_tokens_to_generate", "20",
-                         "--max_seq_len", "16"), "context of 16 tokens", f"at most {16 - n_prompt} new tokens fit")
-    _one_line_error(_gen(script, tiny_run, "--input_text", ""), "empty prompt")
-    _one_line_error(script("generate.py", "--save_file_name", str(root / "empty"), "--tokenizer_path",
-                           str(root / "tokenizer"), cwd=root, env=ENV), "no checkpoint")
-    _one_line_error(script("generate.py", "--save_file_name", str(root / "ckpt"), "--tokenizer_path",
-                           str(root / "other_tokenizer"), cwd=root, env=ENV), "fingerprint")
+    text = _main_error(tiny_run, "--input_text", "Hi", "--num_tokens_to_generate", "20", "--max_seq_len", "16")
+    assert "context of 16 tokens" in text and f"at most {16 - n_prompt} new tokens fit" in text, text
+    assert "empty prompt" in _main_error(tiny_run, "--input_text", "")
+    assert "no checkpoint" in _main_error(tiny_run, "--save_file_name", str(root / "empty"))
+    assert "fingerprint" in _main_error(tiny_run, "--tokenizer_path", str(root / "other_tokenizer"))
 
 
 def test_cli_finds_the_tokenizer_the_checkpoint_records(script, tiny_run):
