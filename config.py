@@ -319,6 +319,8 @@ class DPOConfig(TrainConfig):
     precompute_ref: bool = opt(False, "compute the reference log-probabilities of every pair once before "
                                       "training and free the reference model")
     lr: float = opt(1e-5, "peak learning rate", gt=0)
+    min_lr: float = opt(1e-6, "learning rate at the end of the cosine decay", ge=0)
+    weight_decay: float = opt(0.0, "AdamW weight decay (matrices only)", ge=0)
     warm_up: int = opt(10, "linear warm-up steps", ge=0)
     steps: int = opt(200, "optimizer steps", ge=1)
     batch_size: int = opt(8, "preference pairs per micro-batch per rank", ge=1)

@@ -313,16 +313,9 @@ def stored_meta(cfg) -> dict[str, Any] | None:
         if found is not None:
             return checkpoint.read_meta(found)
     if cfg.init_from:
-        if checkpoint.is_hf_model_folder(cfg.init_from):
-            import hf_interop
+        from hf_interop import load_any_model
 
-            folder = Path(cfg.init_from)
-            tok = hf_interop.folder_tokenizer_meta(folder)
-            if tok is not None:
-                tok["path"] = str((folder / "tokenizer.json").resolve())
-            return {"model_args": hf_interop.from_hf_config(hf_interop.read_hf_config(folder)).to_dict(),
-                    "tokenizer": tok}
-        return checkpoint.read_meta(checkpoint.resolve_checkpoint(cfg.init_from))
+        return load_any_model(cfg.init_from)[1]  # memory-mapped weights: the meta is what is read
     return None
 
 
@@ -363,7 +356,7 @@ def count_batches_in_examples(cfg, overrides: dict[str, Any]) -> None:
 
 def reference_model(run) -> torch.nn.Module:
     """A frozen copy of the --init_from weights (also when resuming: the reference never moves)."""
-    import checkpoint
+    from hf_interop import load_any_model
     from train import build_model
 
     if not run.cfg.init_from:
@@ -373,7 +366,7 @@ def reference_model(run) -> torch.nn.Module:
     if run.init_state is not None:
         model.load_state_dict(run.init_state, strict=True)
     else:
-        loaded, _ = checkpoint.load_model(run.cfg.init_from, device="cpu")
+        loaded, _ = load_any_model(run.cfg.init_from, device="cpu")
         model.load_state_dict(loaded.state_dict(), strict=True)
     model.eval()
     for p in model.parameters():
