@@ -5,8 +5,9 @@ import dataclasses
 
 import pytest
 
-from config import (MODEL_PRESETS, CheckDataConfig, ExportConfig, GenerateConfig, InspectTokenizerConfig, ModelArgs,
-                    TokenizeDataConfig, TrainConfig, TrainTokenizerConfig, model_args_from_preset, parse_config)
+from config import (MODEL_PRESETS, CheckDataConfig, DPOConfig, ExportConfig, GenerateConfig, GRPOConfig,
+                    InspectTokenizerConfig, ModelArgs, TaskSFTConfig, TokenizeDataConfig, TrainConfig,
+                    TrainTokenizerConfig, model_args_from_preset, parse_config)
 from corpus import builtin_corpus_documents, iter_documents
 
 SCRIPTS = {
@@ -17,6 +18,9 @@ SCRIPTS = {
     "hf_interop.py": (ExportConfig, False),
     "data_loader.py": (CheckDataConfig, False),
     "tokenizer.py": (InspectTokenizerConfig, False),
+    "dpo.py": (DPOConfig, True),
+    "rl.py": (GRPOConfig, True),
+    "tasks.py": (TaskSFTConfig, True),
 }
 
 # The flags the original toolkit's README documents: they must exist under these exact names.
