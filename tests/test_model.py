@@ -522,3 +522,199 @@ def test_num_params_and_flops_match_the_architecture_formula(variant):
         assert active < total
     for seq_len in (3, 64):
         assert model.flops_per_token(seq_len) == pytest.approx(flops_ref(args, seq_len), rel=1e-12)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The fused LM head + cross-entropy against F.cross_entropy on full float64 logits
+
+
+def loss_inputs(dtype, seed=0, B=3, T=7, D=16, V=53):
+    """h [B, T, D], head weight [V, D] (leaf tensors of `dtype`), targets [B, T] with ignored tokens: scattered
+    ones and the whole of row 1 (a sequence with nothing to predict)."""
+    gen = torch.Generator().manual_seed(seed)
+    h = (torch.randn(B, T, D, generator=gen, dtype=torch.float64) * 1.5).to(dtype).requires_grad_()
+    w = (torch.randn(V, D, generator=gen, dtype=torch.float64) * 0.8).to(dtype).requires_grad_()
+    targets = torch.randint(0, V, (B, T), generator=gen)
+    targets[0, 2] = targets[2, 0] = targets[2, 6] = -1
+    targets[1] = -1
+    return h, w, targets
+
+
+def loss_reference(h, w, targets, reduction, probe=None):
+    """F.cross_entropy on the full logits, everything in float64 from the same (rounded) input values:
+    (loss, dloss/dh, dloss/dw); `probe` weights the per-token losses of reduction "none"."""
+    h64, w64 = h.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    logits = h64 @ w64.T                                                        # [B, T, V]
+    loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1, reduction=reduction)
+    if reduction == "none":
+        loss = loss.view(targets.shape)
+    out = (loss * probe).sum() if probe is not None else loss * 1.7
+    gh, gw = torch.autograd.grad(out, (h64, w64))
+    return loss.detach(), gh, gw
+
+
+def loss_and_grads(h, w, targets, reduction, chunk_size, probe=None):
+    from model import linear_cross_entropy
+    loss = linear_cross_entropy(h, w, targets, ignore_index=-1, chunk_size=chunk_size, reduction=reduction)
+    out = (loss * probe).sum() if probe is not None else loss * 1.7             # a non-unit upstream gradient
+    gh, gw = torch.autograd.grad(out, (h, w))
+    return loss.detach(), gh, gw
+
+
+# 21 tokens: chunks of 4 (six chunks, the last one of a single token), 7 (three even chunks), 21 (one), 64 (> N)
+CHUNKS = [4, 7, 21, 64]
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("chunk_size", CHUNKS)
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+def test_fused_loss_and_both_gradients_match_full_logits(reduction, chunk_size, dtype, tol):
+    h, w, targets = loss_inputs(dtype)
+    probe = None
+    if reduction == "none":
+        probe = torch.randn(targets.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    ref, ref_h, ref_w = loss_reference(h, w, targets, reduction, probe)
+    got, got_h, got_w = loss_and_grads(h, w, targets, reduction, chunk_size, None if probe is None else probe.to(dtype))
+    assert got.shape == ref.shape and got.dtype == torch.promote_types(dtype, torch.float32)
+    assert got_h.dtype == h.dtype and got_w.dtype == w.dtype
+    assert (got.double() - ref).abs().max().item() < tol * max(1.0, ref.abs().max().item())
+    for name, a, b in (("h", got_h, ref_h), ("weight", got_w, ref_w)):
+        assert (a.double() - b).abs().max().item() < tol * b.abs().max().item(), name
+    if reduction == "none":
+        assert (got[targets == -1] == 0).all() and (got_h[1] == 0).all()      # ignored tokens: no loss, no gradient
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_fused_loss_bf16_within_stated_tolerance(reduction):
+    """bf16 inputs: the logits come out of a bf16 matmul (8 significant bits: each off by up to 2^-9 of its size)
+    and dloss/dlogits is rounded to bf16 before its two matmuls. Stated tolerance against float64 math on the same
+    bf16 values: each token's loss (log-sum-exp minus the target logit) within 2 x 2^-8 of the largest |logit|
+    (the "sum" of n tokens within n times that), each gradient within 2% of its largest entry."""
+    h, w, targets = loss_inputs(torch.bfloat16, seed=2)
+    per_token = 2 * 2 ** -8 * (h.detach().double() @ w.detach().double().T).abs().max().item()
+    probe = None
+    if reduction == "none":
+        probe = torch.randn(targets.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    ref, ref_h, ref_w = loss_reference(h, w, targets, reduction, probe)
+    got, got_h, got_w = loss_and_grads(h, w, targets, reduction, 4, None if probe is None else probe.to(torch.bfloat16))
+    assert got.dtype == torch.float32 and got_h.dtype == got_w.dtype == torch.bfloat16
+    counted = (targets != -1).sum().item() if reduction == "sum" else 1
+    assert (got.double() - ref).abs().max().item() < per_token * counted
+    for name, a, b in (("h", got_h, ref_h), ("weight", got_w, ref_w)):
+        assert (a.double() - b).abs().max().item() < 0.02 * b.abs().max().item(), name
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_fused_loss_with_every_token_ignored_is_zero(reduction):
+    """Where F.cross_entropy's mean is 0/0 = nan, ours is 0 with zero gradients (an all-padding micro-batch
+    must not poison the accumulated gradient)."""
+    h, w, targets = loss_inputs(torch.float64)
+    targets = torch.full_like(targets, -1)
+    got, got_h, got_w = loss_and_grads(h, w, targets, reduction, 4,
+                                       torch.ones(targets.shape, dtype=torch.float64) if reduction == "none" else None)
+    assert (got == 0).all() and (got_h == 0).all() and (got_w == 0).all()
+
+
+def test_fused_loss_rejects_an_unknown_reduction():
+    from model import linear_cross_entropy
+    h, w, targets = loss_inputs(torch.float64)
+    with pytest.raises(ValueError, match="reduction"):
+        linear_cross_entropy(h, w, targets, reduction="avg")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Transformer.forward's loss path: reductions, gradients through the whole model, no full logits kept
+
+
+def model_loss_reference(model, tokens, targets, reduction, probe=None):
+    """The model's own full logits (its forward without targets) in float64 -> F.cross_entropy, and the gradients
+    of every parameter."""
+    model.zero_grad(set_to_none=True)
+    logits = model(tokens)                                                      # [B, T, V]
+    loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1, reduction=reduction)
+    loss = loss.view(targets.shape) if reduction == "none" else loss
+    ((loss * probe).sum() if probe is not None else loss).backward()
+    grads_ = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return loss.detach(), grads_
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("tie", [False, True])
+def test_model_loss_reductions_match_full_logits(reduction, tie):
+    model = build(torch.float64, tie_embeddings=tie)
+    gen = torch.Generator().manual_seed(5)
+    tokens = torch.randint(0, VOCAB, (3, 10), generator=gen)
+    targets = torch.randint(0, VOCAB, (3, 10), generator=gen)
+    targets[0, :4] = -1                                                         # a masked prompt
+    targets[2] = -1                                                             # a row with nothing to predict
+    probe = torch.randn(3, 10, generator=gen, dtype=torch.float64) if reduction == "none" else None
+    ref, ref_grads = model_loss_reference(model, tokens, targets, reduction, probe)
+    loss = model(tokens, targets, reduction=reduction)
+    assert loss.shape == ref.shape and (loss - ref).abs().max().item() < 1e-12
+    ((loss * probe).sum() if probe is not None else loss).backward()
+    got_grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert got_grads.keys() == ref_grads.keys() and ("head.weight" in got_grads) != tie
+    for name, g in ref_grads.items():
+        assert (got_grads[name] - g).abs().max().item() < 1e-10 * max(1.0, g.abs().max().item()), name
+    if reduction == "none":
+        assert (loss[targets == -1] == 0).all()
+
+
+def test_per_sequence_log_probs_for_preference_tuning():
+    """What DPO/GRPO/SFT take from the model: log p(completion | prompt) per sequence = -(per-token NLL summed over
+    the completion), differentiable. Checked against log_softmax of full float64 logits gathered token by token."""
+    model = build(torch.float64, seed=4)
+    gen = torch.Generator().manual_seed(6)
+    tokens = torch.randint(0, VOCAB, (2, 9), generator=gen)
+    targets = tokens.roll(-1, dims=1)
+    targets[:, -1] = -1
+    targets[0, :3] = targets[1, :5] = -1                                        # prompts of 3 and 5 tokens
+    coef = torch.tensor([0.7, -1.3], dtype=torch.float64)                      # e.g. DPO's chosen / rejected
+    logp = -model(tokens, targets, reduction="none").sum(dim=1)                 # [B]
+    (coef * logp).sum().backward()
+    got = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+
+    logprobs = model(tokens).log_softmax(dim=-1)                                # [B, T, V]
+    ref = torch.stack([sum(logprobs[b, t, targets[b, t]] for t in range(9) if targets[b, t] >= 0)
+                       for b in range(2)])
+    (coef * ref).sum().backward()
+    assert (logp - ref).abs().max().item() < 1e-12
+    for name, p in model.named_parameters():
+        assert (got[name] - p.grad).abs().max().item() < 1e-10 * max(1.0, p.grad.abs().max().item()), name
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_aux_loss_only_in_the_mean_reduction(reduction):
+    model = build(torch.float64, aux_loss_alpha=0.05).train()
+    gen = torch.Generator().manual_seed(8)
+    tokens = torch.randint(0, VOCAB, (2, 12), generator=gen)
+    targets = torch.randint(0, VOCAB, (2, 12), generator=gen)
+    loss = model(tokens, targets, reduction=reduction)
+    aux = sum(moe.aux_loss for moe in model.moe_layers())
+    logits = model(tokens)
+    ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction=reduction)
+    expect = ce + aux if reduction == "mean" else ce.view_as(loss)
+    assert aux.item() > 0.05 and (loss - expect).abs().max().item() < 1e-12
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_loss_path_never_saves_full_logits(reduction):
+    """Every tensor autograd saves for backward: none has the shape of the [N, vocab] logits."""
+    model = build(torch.float32, n_routed_experts=4, moe_inter_dim=8, n_shared_experts=0)
+    tokens = torch.randint(0, VOCAB, (2, 40), generator=torch.Generator().manual_seed(9))
+    N = tokens.numel()
+    saved = []
+
+    def pack(t):
+        saved.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(tokens, tokens, reduction=reduction)
+    loss.sum().backward()
+    assert saved and not [s for s in saved if s and s[-1] == VOCAB and torch.Size(s).numel() >= N * VOCAB]
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):          # the check sees full logits
+        F.cross_entropy(model(tokens).flatten(0, 1), tokens.flatten()).backward()
+    assert [s for s in saved if s and s[-1] == VOCAB and torch.Size(s).numel() >= N * VOCAB]
