@@ -3,6 +3,8 @@ loop (forward and gradients; the gate, group-limited routing and the shared expe
 balancing, the sequence-wise balance loss, meta-device construction, parameter and FLOP counts."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -718,3 +720,170 @@ def test_loss_path_never_saves_full_logits(reduction):
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):          # the check sees full logits
         F.cross_entropy(model(tokens).flatten(0, 1), tokens.flatten()).backward()
     assert [s for s in saved if s and s[-1] == VOCAB and torch.Size(s).numel() >= N * VOCAB]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Attention against explicit float64 references: softmax(Q K^T * scale + mask) V per head and query, from each
+# attention module's own weights and the inputs it received inside the model (captured with hooks), on every path
+
+
+def rms_ref(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    return x / torch.sqrt((x * x).mean(dim=-1, keepdim=True) + eps) * w
+
+
+def rope_ref(x: torch.Tensor, pos: int, theta: float) -> torch.Tensor:
+    """x [..., d] at position pos: pairs (x[2j], x[2j+1]) rotated by the angle pos * theta^(-2j/d)."""
+    d, out = x.size(-1), x.clone()
+    for j in range(d // 2):
+        angle = pos * theta ** (-2 * j / d)
+        c, s = math.cos(angle), math.sin(angle)
+        out[..., 2 * j] = x[..., 2 * j] * c - x[..., 2 * j + 1] * s
+        out[..., 2 * j + 1] = x[..., 2 * j] * s + x[..., 2 * j + 1] * c
+    return out
+
+
+def qkv_ref(attn, x: torch.Tensor, positions: list[int], a: ModelArgs):
+    """One sequence x [S, D] at `positions` -> per-head q [S, H, dqk], k [S, H, dqk], v [S, H, dv] and the
+    softmax scale 1/sqrt(dqk), written from the architecture (MLA: the latent expanded per head, the RoPE key
+    shared by the heads; GQA: query head h reads key/value head h // (H / H_kv))."""
+    W = lambda m: m.weight.detach().double()                                   # noqa: E731
+    S, H, theta = x.size(0), a.n_heads, a.rope_theta
+    if a.attn_type == "mla":
+        nope, rope, dv, r = a.qk_nope_head_dim, a.qk_rope_head_dim, a.v_head_dim, a.kv_lora_rank
+        if a.q_lora_rank:
+            q = rms_ref(x @ W(attn.wq_a).T, W(attn.q_norm), a.norm_eps) @ W(attn.wq_b).T
+        else:
+            q = x @ W(attn.wq).T
+        q = q.view(S, H, nope + rope)
+        latent = x @ W(attn.wkv_a).T                                            # [S, r + rope]
+        kv = (rms_ref(latent[:, :r], W(attn.kv_norm), a.norm_eps) @ W(attn.wkv_b).T).view(S, H, nope + dv)
+        q = torch.stack([torch.cat([q[t, :, :nope], rope_ref(q[t, :, nope:], positions[t], theta)], -1)
+                         for t in range(S)])
+        k = torch.stack([torch.cat([kv[t, :, :nope], rope_ref(latent[t, r:], positions[t], theta).expand(H, rope)],
+                                   -1) for t in range(S)])
+        return q, k, kv[:, :, nope:], (nope + rope) ** -0.5
+    hkv = a.n_kv_heads or H
+    hd = a.head_dim or a.dim // H
+    q = (x @ W(attn.wq).T).view(S, H, hd)
+    k = (x @ W(attn.wk).T).view(S, hkv, hd)
+    v = (x @ W(attn.wv).T).view(S, hkv, hd)
+    q = torch.stack([rope_ref(q[t], positions[t], theta) for t in range(S)])
+    k = torch.stack([rope_ref(k[t], positions[t], theta) for t in range(S)])
+    kv_head = [h // (H // hkv) for h in range(H)]
+    return q, k[:, kv_head], v[:, kv_head], hd ** -0.5
+
+
+def attend_ref(q, k, v, scale: float, keys_of) -> torch.Tensor:
+    """q [Tq, H, dqk], k [S, H, dqk], v [S, H, dv]; keys_of(i): the key slots query i may see -> [Tq, H, dv]."""
+    Tq, H, dv = q.size(0), q.size(1), v.size(-1)
+    out = torch.zeros(Tq, H, dv, dtype=torch.float64)
+    for i in range(Tq):
+        keys = keys_of(i)
+        for h in range(H):
+            scores = [float(q[i, h] @ k[s, h]) * scale for s in keys]
+            m = max(scores)
+            e = [math.exp(z - m) for z in scores]
+            for p, s in zip(e, keys):
+                out[i, h] += p / sum(e) * v[s, h]
+    return out
+
+
+def window_of(a: ModelArgs, layer: int) -> int:
+    """The sliding window of a layer (0: none), from the options: a window of w slots is the query's own slot and
+    the w - 1 before it; sliding_window_layers lists the windowed layers (empty: all)."""
+    if a.sliding_window <= 0:
+        return 0
+    listed = [int(s) for s in a.sliding_window_layers.split(",") if s.strip()]
+    return a.sliding_window if not listed or layer in listed else 0
+
+
+def capture_attention(model: Transformer) -> list[list[tuple]]:
+    """Per layer, every call of its attention module: (input [B, T, D], start_pos, output [B, T, D])."""
+    calls = [[] for _ in model.layers]
+    for i, layer in enumerate(model.layers):
+        layer.attn.register_forward_hook(
+            lambda mod, inp, out, i=i: calls[i].append((inp[0].detach(), inp[2], out.detach())))
+    return calls
+
+
+def check_layer_calls(model: Transformer, calls: list[tuple], layer: int, pad: list[int]) -> float:
+    """Each call's output against the reference over the slots written so far: queries at the call's slots,
+    keys at slots <= the query's, inside the window, not left padding (pad[b] slots of row b, positions counted
+    from the first real slot). Only real query slots are compared. Returns the largest relative error."""
+    a, attn = model.args, model.layers[layer].attn
+    x_all = torch.cat([x for x, _, _ in calls], dim=1)                          # [B, S, D]: every slot once
+    starts = [0 if sp is None else sp for _, sp, _ in calls]
+    assert starts == [sum(x.size(1) for x, _, _ in calls[:j]) for j in range(len(calls))]
+    w = window_of(a, layer)
+    worst = 0.0
+    for b in range(x_all.size(0)):
+        S = x_all.size(1)
+        q, k, v, scale = qkv_ref(attn, x_all[b], [max(s - pad[b], 0) for s in range(S)], a)
+        Wo = attn.wo.weight.detach().double()
+        for (x, _, out), start in zip(calls, starts):
+            slots = [s for s in range(start, start + x.size(1)) if s >= pad[b]]
+            if not slots:
+                continue
+            keys_of = lambda i: [s for s in range(pad[b], slots[i] + 1) if not w or slots[i] - s < w]  # noqa: E731
+            o = attend_ref(q[slots], k, v, scale, keys_of)                      # [n, H, dv]
+            ref = o.flatten(1) @ Wo.T                                           # [n, D]
+            got = out[b, [s - start for s in slots]]
+            worst = max(worst, ((got - ref).abs().max() / ref.abs().max()).item())
+    return worst
+
+
+ATTN_REF_VARIANTS = {
+    "mla": dict(),
+    "mla-qlora": dict(q_lora_rank=12),
+    "mla-window-all": dict(sliding_window=5),
+    "mla-window-layers": dict(sliding_window=5, sliding_window_layers="0,2"),
+    "mha": dict(attn_type="mha"),
+    "gqa": dict(attn_type="mha", n_kv_heads=2),
+    "gqa-window-all": dict(attn_type="mha", n_kv_heads=2, sliding_window=4),
+    "mha-window-layers": dict(attn_type="mha", sliding_window=6, sliding_window_layers="1"),
+}
+ATTN_TOL = 1e-6   # relative; the model builds its RoPE table in float32 (angles off by ~1e-7 relative)
+
+
+@pytest.mark.parametrize("variant", list(ATTN_REF_VARIANTS))
+@torch.no_grad()
+def test_attention_training_path_matches_float64_reference(variant):
+    model = build(torch.float64, seed=11, **ATTN_REF_VARIANTS[variant])
+    calls = capture_attention(model)
+    model(torch.randint(0, VOCAB, (2, 14), generator=torch.Generator().manual_seed(12)))
+    for layer in range(model.args.n_layers):
+        assert check_layer_calls(model, calls[layer], layer, [0, 0]) < ATTN_TOL, layer
+
+
+@pytest.mark.parametrize("variant", list(ATTN_REF_VARIANTS))
+@torch.no_grad()
+def test_attention_cached_paths_match_float64_reference(variant):
+    """Prefill 5 slots (start_pos 0), a second chunk of 4 (start_pos 5, T > 1: the masked prefill), then single
+    tokens (MLA: the absorbed decode against the latent cache) up to 14 slots."""
+    model = build(torch.float64, seed=13, **ATTN_REF_VARIANTS[variant])
+    tokens = torch.randint(0, VOCAB, (2, 14), generator=torch.Generator().manual_seed(14))
+    model.setup_cache(2, 16)
+    calls = capture_attention(model)
+    model(tokens[:, :5], start_pos=0)
+    model(tokens[:, 5:9], start_pos=5)
+    for t in range(9, 14):
+        model(tokens[:, t:t + 1], start_pos=t)
+    for layer in range(model.args.n_layers):
+        assert [c[0].size(1) for c in calls[layer]] == [5, 4, 1, 1, 1, 1, 1]
+        assert check_layer_calls(model, calls[layer], layer, [0, 0]) < ATTN_TOL, layer
+
+
+@pytest.mark.parametrize("variant", list(ATTN_REF_VARIANTS))
+@torch.no_grad()
+def test_attention_left_padded_decode_matches_float64_reference(variant):
+    """Rows of 14, 9 and 5 real tokens left-padded to 14 slots: prefill 10 slots, then decode one at a time."""
+    model = build(torch.float64, seed=15, **ATTN_REF_VARIANTS[variant])
+    pad = [0, 5, 9]
+    tokens = torch.randint(1, VOCAB, (3, 14), generator=torch.Generator().manual_seed(16))
+    model.setup_cache(3, 16)
+    calls = capture_attention(model)
+    model(tokens[:, :10], start_pos=0, pad=torch.tensor(pad))
+    for t in range(10, 14):
+        model(tokens[:, t:t + 1], start_pos=t, pad=torch.tensor(pad))
+    for layer in range(model.args.n_layers):
+        assert check_layer_calls(model, calls[layer], layer, pad) < ATTN_TOL, layer
