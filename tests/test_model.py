@@ -119,6 +119,7 @@ def test_causality(variant):
 
 
 def test_meta_construction_then_init_weights():
+    torch.manual_seed(0)
     args = small_args()
     with torch.device("meta"):
         model = Transformer(args)
@@ -887,3 +888,66 @@ def test_attention_left_padded_decode_matches_float64_reference(variant):
         model(tokens[:, t:t + 1], start_pos=t, pad=torch.tensor(pad))
     for layer in range(model.args.n_layers):
         assert check_layer_calls(model, calls[layer], layer, pad) < ATTN_TOL, layer
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Every preset: its parameter counts against the formula and the figures config.py states, and a forward pass
+
+
+# (vocab, parameters without the embedding, all parameters, active per token) as config.py's comments state them;
+# None where a comment gives no figure. Each figure is checked to its last stated digit.
+PRESET_FIGURES = {
+    "tiny": (4096, None, "2.7M", "1.3M"),
+    "tiny-dense": (4096, None, None, None),
+    "small-moe": (32768, None, "24M", "12M"),
+    "moe-30m": (32768, "27M", "35M", None),
+    "gpt2-small": (32768, "101M", None, None),
+    "moe-500m": (32768, "0.49B", "0.52B", "0.15B"),
+    "moe-1.5b": (131072, "1.55B", "1.75B", "0.63B"),
+}
+
+
+def matches_stated(value: int, stated: str) -> bool:
+    """value rounds to `stated` ("2.7M", "0.49B", "101M") at its last digit."""
+    number, unit = stated[:-1], {"M": 1e6, "B": 1e9}[stated[-1]]
+    decimals = len(number.split(".")[1]) if "." in number else 0
+    return round(value / unit, decimals) == float(number)
+
+
+def test_every_preset_has_its_stated_figures():
+    from config import MODEL_PRESETS
+    assert set(PRESET_FIGURES) == set(MODEL_PRESETS)
+
+
+@pytest.mark.parametrize("preset", list(PRESET_FIGURES))
+def test_preset_parameter_count_and_forward_pass(preset):
+    """Full size on the meta device: every count against count_ref and the stated figures. Then a forward and
+    backward pass of the preset's own layer shapes with a 256-token vocabulary and two layers (its first dense
+    layer and, for MoE presets, one MoE layer): counts again, logits, a loss near ln(256) at initialisation and
+    finite gradients everywhere."""
+    from config import model_args_from_preset
+    vocab, no_embed, total, active = PRESET_FIGURES[preset]
+    args = model_args_from_preset(preset, vocab_size=vocab)
+    with torch.device("meta"):
+        model = Transformer(args)
+    ref_total, ref_active, ref_stored = count_ref(args)
+    assert sum(p.numel() for p in model.parameters()) == ref_stored
+    assert model.num_params() == ref_total and model.num_params(active=True) == ref_active
+    for value, stated in ((ref_total, no_embed), (ref_stored, total), (ref_active, active)):
+        assert stated is None or matches_stated(value, stated), (value, stated)
+
+    moe = args.n_dense_layers < args.n_layers
+    small = model_args_from_preset(preset, vocab_size=256, n_layers=2, n_dense_layers=1 if moe else 2)
+    torch.manual_seed(0)
+    model = Transformer(small)
+    model.init_weights()
+    assert sum(p.numel() for p in model.parameters()) == count_ref(small)[2]
+    assert len(model.moe_layers()) == (1 if moe else 0)
+    tokens = torch.randint(0, 256, (2, 9))
+    logits = model(tokens)
+    assert logits.shape == (2, 9, 256) and torch.isfinite(logits).all()
+    loss = model(tokens[:, :-1], tokens[:, 1:])
+    spread = small.init_std ** 2 * small.dim          # variance of the initial logits (the final norm gives |h|^2 = dim)
+    assert math.log(256) - 0.1 < loss.item() < math.log(256) + spread + 0.2   # near-uniform, plus ~spread / 2
+    loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
