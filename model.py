@@ -429,6 +429,9 @@ class LinearCrossEntropy(torch.autograd.Function):
         acc = torch.promote_types(h.dtype, torch.float32)                       # fp32 (fp64 for fp64 inputs)
         ctx.reduction, ctx.chunk_size, ctx.weight_dtype = reduction, chunk_size, weight.dtype
         if reduction == "none":
+            # backward recomputes the logits as the forward computed them: under the same autocast, if any
+            device = h.device.type
+            ctx.autocast = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
             losses = torch.empty(N, device=h.device, dtype=acc)
             lse = torch.empty(N, device=h.device, dtype=acc)                    # log-sum-exp of each row's logits
             for start in range(0, N, chunk_size):
@@ -490,10 +493,12 @@ class LinearCrossEntropy(torch.autograd.Function):
         row_scale = (grad_out.to(acc) * valid).unsqueeze(1)                     # [N, 1], 0 for ignored tokens
         grad_h = torch.empty_like(h) if need_h else None
         grad_w = torch.zeros(weight.shape, device=weight.device, dtype=acc) if need_w else None
+        device = h.device.type
         for start in range(0, N, ctx.chunk_size):
             sl = slice(start, min(start + ctx.chunk_size, N))
-            logits = torch.mm(h[sl], weight.t()).to(acc)                       # [n, V]
-            g = logits.sub_(lse[sl].unsqueeze(1)).exp_().mul_(row_scale[sl])    # softmax * grad_out
+            with torch.autocast(device, ctx.autocast or torch.bfloat16, enabled=ctx.autocast is not None):
+                logits = torch.mm(h[sl], weight.t())                            # [n, V]
+            g = logits.to(acc).sub_(lse[sl].unsqueeze(1)).exp_().mul_(row_scale[sl])  # softmax * grad_out
             g.scatter_add_(1, safe_targets[sl].unsqueeze(1), -row_scale[sl])    # - onehot * grad_out
             g = g.to(h.dtype)                                                   # dloss/dlogits: [n, V]
             if need_h:

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from config import ModelArgs
-from model import MoE, Experts, Transformer
+from model import MoE, Experts, Transformer, linear_cross_entropy
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -557,7 +557,6 @@ def loss_reference(h, w, targets, reduction, probe=None):
 
 
 def loss_and_grads(h, w, targets, reduction, chunk_size, probe=None):
-    from model import linear_cross_entropy
     loss = linear_cross_entropy(h, w, targets, ignore_index=-1, chunk_size=chunk_size, reduction=reduction)
     out = (loss * probe).sum() if probe is not None else loss * 1.7             # a non-unit upstream gradient
     gh, gw = torch.autograd.grad(out, (h, w))
@@ -607,6 +606,25 @@ def test_fused_loss_bf16_within_stated_tolerance(reduction):
         assert (a.double() - b).abs().max().item() < 0.02 * b.abs().max().item(), name
 
 
+def test_fused_loss_under_bf16_autocast():
+    """fp32 inputs under CPU bf16 autocast (how training runs with --dtype bf16): the logits matmul runs in bf16.
+    Every reduction's gradients within 2% of float64 math, and "none" (whose backward recomputes the logits under
+    the forward's autocast) weighted by 1/n agrees with "mean" to float32 rounding."""
+    h, w, targets = loss_inputs(torch.float32, seed=2)
+    n = (targets != -1).sum()
+    _, ref_h, ref_w = loss_reference(h, w, targets, "mean")
+    got = {}
+    for reduction in ("mean", "none"):
+        with torch.autocast("cpu", torch.bfloat16):
+            loss = linear_cross_entropy(h, w, targets, chunk_size=4, reduction=reduction)
+        assert loss.dtype == torch.float32
+        got[reduction] = torch.autograd.grad(loss.sum() * 1.7 / (n if reduction == "none" else 1), (h, w))
+        for a, b in zip(got[reduction], (ref_h, ref_w)):
+            assert a.dtype == torch.float32 and (a.double() - b).abs().max().item() < 0.02 * b.abs().max().item()
+    for a, b in zip(got["mean"], got["none"]):
+        assert (a - b).abs().max().item() < 1e-5 * a.abs().max().item()
+
+
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_fused_loss_with_every_token_ignored_is_zero(reduction):
     """Where F.cross_entropy's mean is 0/0 = nan, ours is 0 with zero gradients (an all-padding micro-batch
@@ -619,7 +637,6 @@ def test_fused_loss_with_every_token_ignored_is_zero(reduction):
 
 
 def test_fused_loss_rejects_an_unknown_reduction():
-    from model import linear_cross_entropy
     h, w, targets = loss_inputs(torch.float64)
     with pytest.raises(ValueError, match="reduction"):
         linear_cross_entropy(h, w, targets, reduction="avg")
