@@ -189,7 +189,7 @@ def main() -> None:
     print(f"\nload average at the end {load()}; fp32 matmul rate: best {peak / 1e9:.0f} GFLOP/s of {len(rates)} "
           f"measurements (min {min(rates) / 1e9:.0f})\n")
     header = (f"{'model':<10} {'implementation':<15} {'ms/step':>8} {'tokens/s':>9} {'MFU':>6} {'CPU s':>6} "
-              f"{'MB/step':>8}  {'vs HF, wall [range]':<21} {'CPU time [range]':<18}")
+              f"{'user s':>6} {'MB/step':>8}  {'vs HF, wall [range]':<21} {'CPU time [range]':<18}")
     print(header)
     print("-" * len(header))
     for preset, r, tps, med, fpt, ratio in results:
@@ -197,10 +197,12 @@ def main() -> None:
         vs = ["1", "1"] if ratio is None else \
             [f"{statistics.median(v):.2f}x [{min(v):.2f}-{max(v):.2f}]" for v in ratio]
         print(f"{preset:<10} {r.name:<15} {med * 1e3:>8.1f} {tps:>9,.0f} {100 * mfu:>5.1f}% "
-              f"{statistics.median(r.cpu):>6.2f} {statistics.median(r.faults) * PAGE / 1e6:>8,.0f}  "
+              f"{statistics.median(r.cpu):>6.2f} {statistics.median(r.user):>6.2f} "
+              f"{statistics.median(r.faults) * PAGE / 1e6:>8,.0f}  "
               f"{vs[0]:<21} {vs[1]:<18}")
     print("\nratios: HF's median step time over ours within each interleaved round, then the median of the rounds "
-          "[min-max]; CPU time = user + system of this process per step (all threads); MB/step = minor page faults "
+          "[min-max]; CPU time = user + system of this process per step (all threads), user = user only; MB/step = "
+          "minor page faults "
           "x page size (fresh memory touched per step)")
 
 
