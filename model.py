@@ -562,6 +562,7 @@ class Transformer(nn.Module):
         # model.to(dtype) never casts it; (re)built on first use on a device (see rope_table)
         self.freqs_cis: torch.Tensor | None = None
         self.window_layers = [i for i in range(args.n_layers) if is_sliding_layer(args, i)]
+        self.loss_chunk_size = 0      # tokens per chunk of the fused head + loss; 0: about 32 MiB of fp32 logits
         self.cache_batch_size = 0
         self.cache_len = 0
         if self.embed.weight.device.type != "meta":
@@ -652,7 +653,8 @@ class Transformer(nn.Module):
         h = self.norm(h)
         if targets is None:
             return self.head(h)                                                 # [B, T, vocab]
-        loss = linear_cross_entropy(h, self.head.weight, targets, ignore_index=-1, reduction=reduction)
+        loss = linear_cross_entropy(h, self.head.weight, targets, ignore_index=-1, chunk_size=self.loss_chunk_size,
+                                    reduction=reduction)
         if reduction != "mean":
             return loss                                                         # [B, T] or scalar
         for moe in self.moe_layers():

@@ -1,6 +1,8 @@
 """model.py against independent references: naive MLA vs absorbed decode, causality, MoE dispatch vs a per-token
 loop (forward and gradients; the gate, group-limited routing and the shared expert included), aux-loss-free
-balancing, the sequence-wise balance loss, meta-device construction, parameter and FLOP counts."""
+balancing, the sequence-wise balance loss, meta-device construction, parameter and FLOP counts; the fused LM head
++ cross-entropy (every reduction, both gradients) against F.cross_entropy on full float64 logits; every attention
+path against explicit-loop float64 softmax(QK^T * scale + mask) V; every preset's counts and a forward pass."""
 from __future__ import annotations
 
 import math
@@ -660,9 +662,11 @@ def model_loss_reference(model, tokens, targets, reduction, probe=None):
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-@pytest.mark.parametrize("tie", [False, True])
-def test_model_loss_reductions_match_full_logits(reduction, tie):
+@pytest.mark.parametrize("tie,chunk", [(False, 0), (True, 0), (False, 7)])
+def test_model_loss_reductions_match_full_logits(reduction, tie, chunk):
+    """Chunk 0: the default size (one chunk here); 7: five chunks of the 30 tokens, the last one of 2."""
     model = build(torch.float64, tie_embeddings=tie)
+    model.loss_chunk_size = chunk
     gen = torch.Generator().manual_seed(5)
     tokens = torch.randint(0, VOCAB, (3, 10), generator=gen)
     targets = torch.randint(0, VOCAB, (3, 10), generator=gen)
