@@ -145,6 +145,26 @@ def atomic_folder(final: Path | str, flag: str = "") -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def remove_stale_temporaries(final: Path | str) -> None:
+    """Clean up after an atomic_folder(final) whose process was killed: remove its partial `.tmp_*` folder and,
+    should it have died between its two renames (final moved aside, the new one not yet in place), move the old
+    folder back. Folders of live processes are left alone."""
+    import re
+
+    final = Path(final)
+    if not final.parent.is_dir():
+        return
+    pattern = re.compile(rf"{re.escape(TMP_PREFIX)}(old_)?{re.escape(final.name)}_(\d+)")
+    for path in sorted(final.parent.iterdir()):
+        match = pattern.fullmatch(path.name)
+        if match is None or pid_alive(int(match.group(2))):
+            continue
+        if match.group(1) and not final.exists():
+            os.replace(path, final)
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+
+
 def pid_alive(pid: int) -> bool:
     """Whether a process with this id runs on this machine (used to tell a live writer's temporary files from a
     dead one's)."""
