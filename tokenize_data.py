@@ -341,11 +341,13 @@ class ValidationPicker:
         self.threshold = 1 << 64  # keys at or above it never enter
 
     def offer(self, first_index: int, keys: np.ndarray, tokens: np.ndarray, lengths: np.ndarray,
-              text_bytes: np.ndarray) -> tuple[np.ndarray, list[tuple[int, np.ndarray, int]]]:
-        """Take this chunk's candidates. Returns (mask of the chunk's documents that go to training now, documents
-        pushed out of the candidates as (index, tokens, text bytes))."""
+              text_bytes: np.ndarray) -> tuple[np.ndarray, list[tuple[int, list[tuple[int, np.ndarray, int]]]]]:
+        """Take this chunk's candidates. Returns (mask of the chunk's documents that go straight to training,
+        [(i, documents that the chunk's document i pushed out, as (index, tokens, text bytes))]): a pushed-out
+        document enters the training stream right after the document that pushed it out, which keeps the output
+        independent of how the stream is cut into chunks."""
         to_train = np.ones(len(lengths), dtype=bool)
-        pushed: list[tuple[int, np.ndarray, int]] = []
+        pushed_by: list[tuple[int, list[tuple[int, np.ndarray, int]]]] = []
         ends = np.cumsum(lengths)
         for i in np.flatnonzero(keys < np.uint64(min(self.threshold, _MASK64))).tolist():
             key = int(keys[i])
@@ -355,11 +357,10 @@ class ValidationPicker:
             start = int(ends[i] - lengths[i])
             heapq.heappush(self.heap, (-key, first_index + i, tokens[start:int(ends[i])].copy(), int(text_bytes[i])))
             self.tokens += int(lengths[i])
-            pushed += self.shrink(self.budget)
-        pushed_now = {index - first_index for index, _, _ in pushed if index >= first_index}
-        for i in pushed_now:  # pushed out within the same chunk: back to its place in the training stream
-            to_train[i] = True
-        return to_train, [p for p in pushed if p[0] < first_index]
+            pushed = self.shrink(self.budget)
+            if pushed:
+                pushed_by.append((i, pushed))
+        return to_train, pushed_by
 
     def shrink(self, budget: int) -> list[tuple[int, np.ndarray, int]]:
         """Push out the largest keys until the candidates fit in `budget` tokens (one always stays)."""
@@ -413,13 +414,20 @@ def tokenize_documents(documents: Iterable[str], tokenizer, out_dir: str | os.Pa
                 keep = min(len(lengths), int(np.searchsorted(np.cumsum(lengths), max_tokens - total_tokens)) + 1)
                 tokens, lengths, text_bytes = tokens[:int(lengths[:keep].sum())], lengths[:keep], text_bytes[:keep]
             keys = document_keys(total_docs, len(lengths), val_seed)
-            to_train, pushed = picker.offer(total_docs, keys, tokens, lengths, text_bytes)
-            _add_documents(train, pushed)
-            if to_train.all():
-                train.add(tokens, lengths, int(text_bytes.sum()))
-            else:
-                mask = np.repeat(to_train, lengths)
-                train.add(tokens[mask], lengths[to_train], int(text_bytes[to_train].sum()))
+            to_train, pushed_by = picker.offer(total_docs, keys, tokens, lengths, text_bytes)
+            ends = np.cumsum(lengths)
+            done = 0  # the chunk's documents before this one are in the training stream (or candidates)
+            for i, pushed in pushed_by + [(len(lengths) - 1, [])]:
+                a, b = done, i + 1
+                lo, hi = int(ends[a] - lengths[a]) if a < b else 0, int(ends[i]) if a < b else 0
+                mask = to_train[a:b]
+                if mask.all():
+                    train.add(tokens[lo:hi], lengths[a:b], int(text_bytes[a:b].sum()))
+                elif mask.any():
+                    train.add(tokens[lo:hi][np.repeat(mask, lengths[a:b])], lengths[a:b][mask],
+                              int(text_bytes[a:b][mask].sum()))
+                _add_documents(train, pushed)
+                done = b
             total_tokens += int(tokens.shape[0])
             total_docs += len(lengths)
             total_bytes += int(text_bytes.sum())
