@@ -107,7 +107,8 @@ def describe_source(opts: DatasetOptions) -> str:
 
 
 def _describe_skipped(skipped: dict[str, int], column: str) -> str:
-    shown = {"missing": "missing", "null": "null or missing"}  # datasets gives a row without the column a null
+    # datasets gives a row without the column a null
+    shown = {"missing": "missing", "null": "null or missing", "int": "a number", "float": "a number"}
     parts = [f"{n:,} whose '{column}' is {shown.get(kind, f'a {kind}')}" for kind, n in sorted(skipped.items())]
     return ", ".join(parts)
 
