@@ -242,7 +242,7 @@ class TokenizeDataConfig(DatasetOptions, TokenizerOptions):
     val_seed: int = opt(0, "seed of the validation document selection", ge=0, le=2**63 - 1)
     max_tokens: int = opt(0, "stop after this many tokens (0 = no limit)", ge=0)
     max_documents: int = opt(0, "stop after this many documents (0 = no limit)", ge=0)
-    num_workers: int = opt(0, "encoding threads (Rust); 0 means one per CPU core", ge=0)
+    num_workers: int = opt(0, "encoding threads (Rust); 0 means one per CPU core this process may use", ge=0)
     overwrite: bool = opt(False, "replace the shards already in --data_file_name")
     encoder: str = opt("auto", "encoding engine: the tokenizer's own Rust encode_batch ('tokenizers'), or tiktoken "
                                "for Mistral's tekken vocabulary (same ids, checked on the first documents, several "

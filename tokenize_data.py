@@ -499,6 +499,11 @@ def check_output(out_dir: Path, overwrite: bool) -> None:
                         f"choose a writable --data_file_name")
 
 
+def usable_cpus() -> int:
+    """CPU cores this process may run on (its affinity mask, e.g. under taskset or a container's cpuset)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def _peek(documents: Iterator[str]) -> tuple[str | None, Iterator[str]]:
     first = next(documents, None)
     return first, (itertools.chain([first], documents) if first is not None else iter(()))
@@ -506,7 +511,7 @@ def _peek(documents: Iterator[str]) -> tuple[str | None, Iterator[str]]:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     cfg: TokenizeDataConfig = parse_config(TokenizeDataConfig, argv, description=__doc__.split("\n\n")[0])
-    workers = cfg.num_workers or os.cpu_count() or 1
+    workers = cfg.num_workers or usable_cpus()
     # the Rust thread pool reads these when it starts (on the first encode); the result does not depend on them
     os.environ["RAYON_NUM_THREADS"] = str(workers)
     os.environ["TOKENIZERS_PARALLELISM"] = "true" if workers > 1 else "false"

@@ -190,7 +190,7 @@ def main() -> None:
     parser.add_argument("--script", action="store_true", help="also time the end-to-end script runs")
     args = parser.parse_args()
 
-    workers = os.cpu_count() or 1
+    workers = td.usable_cpus()
     docs = list(corpus.builtin_corpus_documents())
     texts = docs * args.repeat
     print(f"text: built-in corpus x{args.repeat} = {len(texts):,} documents, "
