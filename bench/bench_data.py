@@ -47,8 +47,13 @@ from tokenizer import load_tokenizer  # noqa: E402
 
 
 def tekken_path() -> Path:
+    if ARGS.tekken:
+        return Path(ARGS.tekken)
     import mistral_common
     return Path(mistral_common.__file__).resolve().parent / "data" / "tekken_240718.json"
+
+
+ARGS = argparse.Namespace(tekken="")
 
 
 def timed(fn) -> tuple[float, float, object]:
@@ -188,7 +193,10 @@ def main() -> None:
     parser.add_argument("--shard_size", type=int, default=1_000_000, help="tokens per shard")
     parser.add_argument("--no_mistral", action="store_true")
     parser.add_argument("--script", action="store_true", help="also time the end-to-end script runs")
+    parser.add_argument("--tekken", default="", help="Mistral-Nemo's tekken.json (default: the one mistral-common "
+                                                     "ships)")
     args = parser.parse_args()
+    ARGS.tekken = args.tekken
 
     workers = td.usable_cpus()
     docs = list(corpus.builtin_corpus_documents())
