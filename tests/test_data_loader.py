@@ -321,3 +321,28 @@ def test_format_names(tmp_path) -> None:
     assert dl.token_dtype(65536) == np.uint16 and dl.token_dtype(65537) == np.uint32
     assert all(dl.is_format_file(n) for n in ("metadata.json", "train_000000.npy", "val_000002.idx.npy"))
     assert not any(dl.is_format_file(n) for n in ("notes.txt", "train.py", ".tmp_x", "model.npy"))
+
+
+def test_kill_9_while_verifying_changes_nothing(tmp_path) -> None:
+    """data_loader.py only reads: a kill -9 in the middle of --verify leaves the folder as it was, and a rerun
+    works."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import ROOT
+
+    write_synthetic(tmp_path / "d", {"val": [2000], "train": [300_000] * 8})
+    before = {p.name: p.read_bytes() for p in (tmp_path / "d").iterdir()}
+    process = subprocess.Popen([sys.executable, str(ROOT / "data_loader.py"), "--data_file_name", str(tmp_path / "d"),
+                                "--verify"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(0.5)
+    if process.poll() is None:
+        os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert {p.name: p.read_bytes() for p in (tmp_path / "d").iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]
+    result = run_script("data_loader.py", "--data_file_name", str(tmp_path / "d"), "--verify", timeout=120)
+    assert result.returncode == 0 and "checksums ok" in result.stdout, result.stderr

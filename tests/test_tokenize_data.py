@@ -436,3 +436,24 @@ def test_command_line_errors(tmp_path, tok_dir, tok, unicode_file) -> None:
     shard = out / "train_000000.npy"
     shard.write_bytes(shard.read_bytes()[:-7])
     assert "truncated" in one_line_error(check())
+
+
+def test_a_run_killed_between_its_two_renames_is_repaired(tmp_path, tok) -> None:
+    """A run killed after moving the old dataset aside and before renaming the new one into place: the next run
+    (common.remove_stale_temporaries, called by main before any work) puts the old one back; temporary folders
+    of a live process are left alone."""
+    from common import remove_stale_temporaries
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    old = tmp_path / f".tmp_old_data_{dead}"
+    old.mkdir()
+    td.tokenize_documents(iter(UNICODE_DOCS), tok, old, 200, progress=False)
+    before = folder_bytes(old)
+    (tmp_path / f".tmp_data_{dead}").mkdir()
+    (tmp_path / f".tmp_data_{dead}" / "train_000000.npy").write_bytes(b"partial")
+    live = tmp_path / f".tmp_data_{os.getpid()}"
+    live.mkdir()
+    remove_stale_temporaries(tmp_path / "data")
+    assert folder_bytes(tmp_path / "data") == before
+    assert litter(tmp_path) == [live.name]
