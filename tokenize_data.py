@@ -384,6 +384,18 @@ def _add_documents(writer: SplitWriter, documents: list[tuple[int, np.ndarray, i
                    sum(d[2] for d in documents))
 
 
+def _add_chunk_range(writer: SplitWriter, tokens: np.ndarray, lengths: np.ndarray, text_bytes: np.ndarray,
+                     keep: np.ndarray, a: int, b: int) -> None:
+    """Append the chunk's documents a..b-1 where `keep` is set."""
+    starts = np.cumsum(lengths) - lengths
+    lo, hi = int(starts[a]), int(starts[b - 1] + lengths[b - 1])
+    keep = keep[a:b]
+    if keep.all():
+        writer.add(tokens[lo:hi], lengths[a:b], int(text_bytes[a:b].sum()))
+    elif keep.any():
+        writer.add(tokens[lo:hi][np.repeat(keep, lengths[a:b])], lengths[a:b][keep], int(text_bytes[a:b][keep].sum()))
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The pipeline
 
@@ -415,19 +427,12 @@ def tokenize_documents(documents: Iterable[str], tokenizer, out_dir: str | os.Pa
                 tokens, lengths, text_bytes = tokens[:int(lengths[:keep].sum())], lengths[:keep], text_bytes[:keep]
             keys = document_keys(total_docs, len(lengths), val_seed)
             to_train, pushed_by = picker.offer(total_docs, keys, tokens, lengths, text_bytes)
-            ends = np.cumsum(lengths)
-            done = 0  # the chunk's documents before this one are in the training stream (or candidates)
+            done = 0  # the chunk's documents before `done` have been handled
             for i, pushed in pushed_by + [(len(lengths) - 1, [])]:
-                a, b = done, i + 1
-                lo, hi = int(ends[a] - lengths[a]) if a < b else 0, int(ends[i]) if a < b else 0
-                mask = to_train[a:b]
-                if mask.all():
-                    train.add(tokens[lo:hi], lengths[a:b], int(text_bytes[a:b].sum()))
-                elif mask.any():
-                    train.add(tokens[lo:hi][np.repeat(mask, lengths[a:b])], lengths[a:b][mask],
-                              int(text_bytes[a:b][mask].sum()))
+                if done <= i:
+                    _add_chunk_range(train, tokens, lengths, text_bytes, to_train, done, i + 1)
                 _add_documents(train, pushed)
-                done = b
+                done = i + 1
             total_tokens += int(tokens.shape[0])
             total_docs += len(lengths)
             total_bytes += int(text_bytes.sum())
