@@ -281,6 +281,8 @@ class TrainConfig(TokenizerOptions):
     backend: str = opt("inductor", "torch.compile backend")
     shuffle: bool = opt(True, "shuffle the order of training windows (seeded)")
     resume: bool = opt(True, "continue from the latest checkpoint in --save_file_name when there is one")
+    overwrite: bool = opt(False, "with --resume=False, replace the run already in --save_file_name (its files are "
+                                 "set aside and removed once this run has saved its final checkpoint)")
     init_from: str = opt("", "start from these weights: a checkpoint folder or a HF DeepseekV3 model folder")
     log_file: str = opt("", "JSONL log path; empty means <save_file_name>/log.jsonl")
     log_every: int = opt(1, "print a progress line every this many steps (the JSONL log gets every step)", ge=1)
@@ -492,6 +494,8 @@ def options_markdown(cls: type) -> str:
         help_text = f.metadata.get("help", "").replace("|", "\\|")
         if f.metadata.get("choices"):
             help_text += " (one of: " + ", ".join(f"`{c}`" for c in f.metadata["choices"]) + ")"
+        if f.metadata.get("bounds"):
+            help_text += " (" + ", ".join(f"{_BOUND_TEXT[k]} {b:g}" for k, b in f.metadata["bounds"].items()) + ")"
         rows.append(f"| `--{f.name}` | {_shown(f.default)} | {help_text} |")
     return "\n".join(rows)
 
