@@ -235,7 +235,7 @@ def main() -> None:
               f"the last column); target: pipeline / ceiling >= 0.85; load average now: "
               f"{os.getloadavg()[0]:.1f} (1 min), {os.getloadavg()[1]:.1f} (5 min)")
 
-        bench_loader(trained, docs, 16, 256, 300, args.rounds)
+        bench_loader(trained, docs, 16, 256, 2000, args.rounds)
 
         if args.script:
             print("\nend to end (python tokenize_data.py on the built-in corpus, wall time incl. start-up, "
