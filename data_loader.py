@@ -19,7 +19,7 @@ Epochs wrap explicitly (a batch may straddle two epochs); nothing ever raises St
 stream position, so state_dict()/load_state_dict() resume with exactly the next batch, also under another
 world_size or batch_size as long as the position divides evenly (else it is rounded up to the next step).
 
-Evaluation (eval_batches) reads a fixed set of windows, the first steps x batch_size of the split, dealt
+Evaluation (eval_batches) reads a fixed set of steps x batch_size windows spread evenly over the split, dealt
 round-robin to the ranks, so the validation loss of given weights does not depend on the number of ranks.
 Each shard's crc32 is checked the first time a batch reads from it (about one pass of crc32 over the data per
 run); `python data_loader.py --verify` checks every shard at once.
@@ -360,13 +360,15 @@ class ShardedLoader:
         if world_size < 1 or not 0 <= rank < world_size:
             raise UserError(f"rank {rank} is outside world_size {world_size}")
         total = self.num_windows if steps <= 0 else min(steps * self.batch_size, self.num_windows)
-        return np.arange(rank, total, world_size, dtype=np.int64)
+        spread = np.arange(total, dtype=np.int64) * self.num_windows // total  # evenly over the whole split
+        return spread[rank::world_size]
 
     def eval_batches(self, steps: int, rank: int | None = None, world_size: int | None = None
                      ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """A fixed evaluation set, the same whatever the number of ranks: the first steps x batch_size windows of
-        the split in order (all of them when steps <= 0, and never more than the split holds, so no window counts
-        twice), dealt round-robin: `rank` (default: the loader's) of `world_size` (default: the loader's) gets
+        """A fixed evaluation set, the same whatever the number of ranks: steps x batch_size windows spread evenly
+        over the split (window k * num_windows // N for k < N; the whole split when steps <= 0 or when it holds no
+        more, so no window counts twice; the split's documents come from the whole source, in source order, so
+        a short evaluation must not read just its start), dealt round-robin: `rank` (default: the loader's) of `world_size` (default: the loader's) gets
         windows rank, rank + world_size, ... in batches of at most batch_size rows. When world_size does not
         divide the number of windows, the first ranks get one window more, so ranks can get different numbers
         of batches (or none): average as sum(batch mean loss x rows) / sum(rows) over every rank. No state

@@ -166,8 +166,8 @@ def test_resume_continues_with_the_exact_next_batch(tmp_path, shuffle: bool) -> 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 4, 7])
 def test_eval_batches_cover_the_same_windows_for_any_world_size(tmp_path, world: int) -> None:
-    """Ranks together read exactly the first steps x batch_size windows of the split, each once, so a loss
-    averaged by rows over the ranks is the same for every world size (here 3 does not divide 5 x 2 windows)."""
+    """Ranks together read exactly the same steps x batch_size windows, spread evenly over the split, each once,
+    so a loss averaged by rows over the ranks is the same for every world size (3 does not divide 5 x 2)."""
     streams = write_synthetic(tmp_path, {"val": [33, 40], "train": [20]})
     steps, batch, seq = 5, 2, 6
     val = streams["val"]
@@ -185,8 +185,9 @@ def test_eval_batches_cover_the_same_windows_for_any_world_size(tmp_path, world:
             rows += x.shape[0]
         rows_per_rank.append(rows)
         assert loader.position == 0  # evaluation changes no state
-        assert loader.eval_windows(steps).tolist() == list(range(rank, steps * batch, world))
-    assert sorted(seen) == list(range(steps * batch))
+        assert loader.eval_windows(steps).tolist() == [k * 12 // 10 for k in range(10)][rank::world]
+    expected = [k * 12 // 10 for k in range(10)]  # 12 windows in the split, 10 evaluated: 0, 1, 2, 3, 4, 6, 7...
+    assert loader.num_windows == 12 and sorted(seen) == expected
     assert max(rows_per_rank) - min(rows_per_rank) <= 1
     # the old signature (no rank/world arguments) uses the loader's own rank; explicit arguments override it
     loader = dl.ShardedLoader(tmp_path, "val", batch, seq)
@@ -203,6 +204,7 @@ def test_eval_batches_never_repeat_a_window(tmp_path) -> None:
         windows = [int(x[0]) // 4 for batch, _ in loader.eval_batches(steps) for x in batch]
         assert windows == list(range(6)), steps
     assert [len(b) for b, _ in loader.eval_batches(2)] == [2, 2]
+    assert [int(x[0]) // 4 for b, _ in loader.eval_batches(1) for x in b] == [0, 3]  # the start and the middle
     with pytest.raises(UserError, match="outside world_size"):
         list(loader.eval_batches(2, rank=2, world_size=2))
 
