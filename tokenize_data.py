@@ -486,8 +486,9 @@ def tokenize_documents(documents: Iterable[str], tokenizer, out_dir: str | os.Pa
 
 def check_output(out_dir: Path, overwrite: bool) -> None:
     """Refuse an output that cannot be (re)placed, before any work; creates and deletes nothing."""
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UserError(f"--data_file_name '{out_dir}' is a file, not a folder; choose another path")
+    from common import check_destination
+
+    check_destination(out_dir, "--data_file_name")
     existing = sorted(p.name for p in out_dir.iterdir()) if out_dir.is_dir() else []
     if existing and not overwrite:
         raise UserError(f"the output folder '{out_dir}' is not empty ({len(existing)} files, e.g. {existing[0]}); "
@@ -496,12 +497,6 @@ def check_output(out_dir: Path, overwrite: bool) -> None:
     if foreign:
         raise UserError(f"the output folder '{out_dir}' holds files tokenize_data.py did not write (e.g. "
                         f"{foreign[0]}) that --overwrite would delete; move them or choose another --data_file_name")
-    parent = out_dir.parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise UserError(f"cannot write to '{parent}' (the folder --data_file_name '{out_dir}' would go into); "
-                        f"choose a writable --data_file_name")
 
 
 def usable_cpus() -> int:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -118,8 +117,9 @@ def metadata(tok: tokenizers.Tokenizer, cfg: TrainTokenizerConfig, chars: int) -
 
 def check_output(out: Path, overwrite: bool) -> None:
     """Refuse an output folder that cannot be (re)placed, before training; creates and deletes nothing."""
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--output_path '{out}' is a file, not a folder; choose another path")
+    from common import check_destination
+
+    check_destination(out, "--output_path")
     existing = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
     ours = {TOKENIZER_FILE, METADATA_FILE}
     if any(name in ours for name in existing) and not overwrite:
@@ -129,12 +129,6 @@ def check_output(out: Path, overwrite: bool) -> None:
     if foreign:
         raise UserError(f"the output folder '{out}' holds other files (e.g. {foreign[0]}) that writing the "
                         f"tokenizer would delete; move them or choose another --output_path")
-    parent = out.parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise UserError(f"cannot write to '{parent}' (where --output_path '{out}' would go); choose a writable "
-                        f"--output_path")
 
 
 def main(argv: list[str] | None = None) -> None:
