@@ -32,11 +32,11 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
+import checkpoint
 from config import ModelArgs, ParallelConfig, UserError, model_args_from_preset, MODEL_PRESETS, parse_config, \
     run_main
 
-DCP_DIR = "dcp"                     # the DCP folder inside a step folder
-DCP_METADATA = ".metadata"          # written last by DCP's coordinator (rank 0), once every rank has written
+DCP_DIR = checkpoint.DCP_DIR        # the DCP folder inside a step folder
 
 # ----------------------------------------------------------------------------------------------------------------
 # Setup checks
@@ -47,16 +47,18 @@ def launched_by_torchrun() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ or ("RANK" in os.environ and "MASTER_ADDR" in os.environ)
 
 
-def check_setup(parallel: str, world_size: int) -> None:
-    """One-line errors for setups FSDP cannot run: no torchrun (FSDP needs a process group, even of one rank)."""
+def check_setup(parallel: str, dtype: str = "auto") -> None:
+    """One-line errors for setups FSDP cannot run, before any process group exists: no torchrun (FSDP needs a
+    process group, even of one rank), fp16 (its gradient scaler does not handle sharded gradients; bf16 needs
+    none)."""
     if parallel != "fsdp":
         return
     if not launched_by_torchrun():
-        raise UserError("--parallel fsdp needs a process group: launch with torchrun, e.g. torchrun "
-                        "--nproc_per_node=2 train.py --parallel fsdp ... (one process trains without it: "
-                        "--parallel ddp)")
-    if world_size < 1:
-        raise UserError(f"WORLD_SIZE={world_size} is not a valid world size; launch with torchrun")
+        raise UserError("--parallel fsdp needs torchrun: launch with torchrun --nproc_per_node=N train.py "
+                        "--parallel fsdp ... (also for N=1), or train in one process with --parallel ddp")
+    if dtype == "fp16":
+        raise UserError("--parallel fsdp does not support --dtype fp16 (its gradient scaler cannot unscale sharded "
+                        "gradients); use --dtype bf16 or fp32")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -114,29 +116,21 @@ def local_value(tensor: torch.Tensor) -> torch.Tensor:
     return full() if full is not None else tensor
 
 
-def full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None
-               ) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
-    """FQN-keyed full state dicts of an unwrapped model and its optimizer (None when the optimizer holds no state
-    yet): what `shard_state` takes once the model is sharded."""
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+def full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any] | None:
+    """The optimizer state of an unsharded model keyed by parameter names (None when it holds none yet): taken
+    before sharding, so that `load_full_optimizer_state` can carry a restored plain checkpoint into the shards."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-    model_sd = get_model_state_dict(model)
-    optim_sd = get_optimizer_state_dict(model, optimizer) if optimizer is not None and optimizer.state else None
-    return model_sd, optim_sd
+    return get_optimizer_state_dict(model, optimizer) if optimizer.state else None
 
 
-def shard_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, full_model: dict[str, torch.Tensor],
-                full_optim: dict[str, Any] | None) -> None:
-    """Load full state dicts (from `full_state`, taken before sharding) into a sharded model and its new optimizer:
-    each rank keeps the slices of its own shards. This carries a restored plain checkpoint (model.safetensors and
-    its optimizer state) into an FSDP run."""
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
-                                                         set_optimizer_state_dict)
+def load_full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                              state: dict[str, Any]) -> None:
+    """Load a full, name-keyed optimizer state into the optimizer of a sharded model: each rank keeps the slices of
+    its own shards."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-    options = StateDictOptions(full_state_dict=True)
-    set_model_state_dict(model, full_model, options=options)
-    if full_optim is not None:
-        set_optimizer_state_dict(model, optimizer, full_optim, options=options)
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -145,7 +139,7 @@ def shard_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, full_m
 
 def is_sharded_checkpoint(step_dir: Path | str) -> bool:
     """A step folder whose weights are DCP shards; complete only once DCP's .metadata is there (written last)."""
-    return (Path(step_dir) / DCP_DIR / DCP_METADATA).is_file()
+    return checkpoint.is_sharded(step_dir)
 
 
 def _state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
@@ -202,30 +196,9 @@ def load_dcp(step_dir: Path | str, model: torch.nn.Module, optimizer: torch.opti
 
 
 def load_full_state_dict(step_dir: Path | str) -> dict[str, torch.Tensor]:
-    """The full model state dict of a sharded checkpoint, read in this process without a process group (for
-    generate.py, hf_interop.py and --init_from). Only DCP's own reader touches the folder: no pickle is loaded."""
-    from checkpoint import read_meta
-    from model import Transformer
-
-    args = ModelArgs.from_dict(read_meta(step_dir)["model_args"])
-    with torch.device("meta"):
-        model = Transformer(args)
-    state = {name: torch.empty_like(t, device="cpu") for name, t in model.state_dict().items()}
-    if args.tie_embeddings:
-        state["head.weight"] = state["embed.weight"]
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint import FileSystemReader
-
-    try:
-        with _single_process_quiet():
-            dcp.load({"model": state}, storage_reader=FileSystemReader(str(Path(step_dir) / DCP_DIR)),
-                     no_dist=True)
-    except Exception as error:
-        from common import first_line
-
-        raise UserError(f"could not read the sharded checkpoint '{step_dir}' ({first_line(error)}); it is "
-                        f"damaged or was written by an incompatible version") from None
-    return state
+    """The full model state dict of a sharded checkpoint, read without a process group (checkpoint.py's reader,
+    which generate.py, hf_interop.py and --init_from use through checkpoint.load_weights/load_model)."""
+    return checkpoint.load_sharded_weights(step_dir)
 
 
 def _broadcast(obj: Any) -> Any:
@@ -258,21 +231,28 @@ def save_sharded_checkpoint(final: Path, model: torch.nn.Module, optimizer: torc
 
 
 def consolidate(step_dir: Path | str) -> Path:
-    """Write step_dir/model.safetensors from the DCP shards (atomically): afterwards the folder is also a plain
-    checkpoint, read by every tool that reads model.safetensors."""
-    from checkpoint import WEIGHTS_FILE, _unique_tensors
-    from common import atomic_write
-    from safetensors.torch import save as safetensors_bytes
-    import json
+    """Write step_dir/model.safetensors from the DCP shards, atomically (a temporary file renamed into place):
+    afterwards the folder is also a plain checkpoint for any tool that reads model.safetensors."""
+    from common import fsync_dir
 
     step_dir = Path(step_dir)
     if not is_sharded_checkpoint(step_dir):
-        raise UserError(f"'{step_dir}' is not a sharded checkpoint (no {DCP_DIR}/{DCP_METADATA}); pass a step "
+        raise UserError(f"'{step_dir}' is not a sharded checkpoint (no {DCP_DIR}/.metadata); pass a step "
                         f"folder written by train.py --parallel fsdp")
-    unique, aliases = _unique_tensors(load_full_state_dict(step_dir))
-    data = safetensors_bytes(unique, metadata={"format": "pt", "aliases": json.dumps(aliases)})
-    out = step_dir / WEIGHTS_FILE
-    atomic_write(out, data, "--consolidate")
+    out = step_dir / checkpoint.WEIGHTS_FILE
+    tmp = step_dir / f".{checkpoint.WEIGHTS_FILE}.tmp-{os.getpid()}"
+    try:
+        checkpoint.save_weights(tmp, load_full_state_dict(step_dir))
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, out)
+        fsync_dir(step_dir)
+    except OSError as error:
+        from common import first_line
+
+        raise UserError(f"cannot write '{out}' ({first_line(error)}); free some space") from None
+    finally:
+        tmp.unlink(missing_ok=True)
     return out
 
 
