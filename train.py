@@ -829,7 +829,12 @@ def fit(run: Run, task: Task) -> int:
 def run_stage(cfg: TrainConfig, overrides: dict[str, Any], make_task: Any, load_tokenizer: Any) -> None:
     """main() of a training script: distributed setup, tokenizer, prepare, the stage's task, restore, wrap, fit,
     teardown. A user mistake on any rank is reported once (by rank 0); a rank whose peer died reports one line."""
-    parallel.check_setup(cfg.parallel, cfg.dtype)
+    try:
+        parallel.check_setup(cfg.parallel, cfg.dtype)
+    except UserError:
+        if int(os.environ.get("RANK", "0")) != 0:  # every rank hits the same mistake: report it once
+            raise SystemExit(1)
+        raise
     d = setup_distributed(cfg.device, always_group=cfg.parallel == "fsdp")
     code = 0
     try:

@@ -242,3 +242,187 @@ def test_consolidate_refuses_a_plain_folder(tmp_path: Path) -> None:
     r = run_script("parallel.py", "--consolidate", str(tmp_path))
     assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert "not a sharded checkpoint" in r.stderr
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# End to end: train.py --parallel fsdp under torchrun
+
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """A 1024-token BPE trained on the built-in corpus and the corpus tokenized into shards."""
+    root = tmp_path_factory.mktemp("fsdp_corpus")
+    tok, data = root / "tokenizer", root / "data"
+    r = run_script("train_tokenizer.py", "--vocab_size", "1024", "--tokenizer_train_shard_size", "300000",
+                   "--output_path", str(tok))
+    assert r.returncode == 0, r.stderr
+    r = run_script("tokenize_data.py", "--tokenizer_path", str(tok), "--data_file_name", str(data),
+                   "--encoded_dataset_shard_size", "200000", "--val_tokens", "30000")
+    assert r.returncode == 0, r.stderr
+    return root
+
+
+def torchrun(nproc: int, *args: str, timeout: float = 600):
+    import subprocess
+
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **ONE_THREAD}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                           str(ROOT / "train.py"), *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def train_ok(nproc: int, *args: str) -> None:
+    """nproc 0: a plain `python train.py`; otherwise torchrun with nproc ranks."""
+    r = run_script("train.py", *args, env=ONE_THREAD, timeout=600) if nproc == 0 else torchrun(nproc, *args)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+
+
+def losses(save: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (save / "log.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records if r["kind"] == "train"}
+
+
+def common_args(corpus: Path, save: Path, *extra: str) -> list[str]:
+    return ["--tokenizer_path", str(corpus / "tokenizer"), "--data_file_name", str(corpus / "data"),
+            "--save_file_name", str(save), "--seq_len", "32", "--dtype", "fp32", "--device", "cpu",
+            "--total_batch_size", "256", "--warm_up", "5", "--lr", "3e-3", "--eval_rate", "10", "--eval_steps", "2",
+            "--seed", "7", "--quiet", *extra]
+
+
+# 2 ranks x 2 sequences x 2 micro-steps (gradient sync on the second only) against 1 process x 4 sequences x 2
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", ["tiny-dense", "tiny"])
+def test_fsdp_two_ranks_match_one_process(corpus: Path, tmp_path: Path, preset: str) -> None:
+    args = ["--model", preset, "--steps", "20", "--save_rate", "100"]
+    train_ok(2, *common_args(corpus, tmp_path / "fsdp", *args, "--batch_size", "2", "--parallel", "fsdp"))
+    train_ok(0, *common_args(corpus, tmp_path / "one", *args, "--batch_size", "4"))
+    fsdp, one = losses(tmp_path / "fsdp"), losses(tmp_path / "one")
+    assert sorted(fsdp) == sorted(one) == list(range(1, 21))
+    for step in one:
+        assert abs(fsdp[step] - one[step]) < 1e-5, (step, fsdp[step], one[step])
+    assert one[20] < one[1]
+    # the final weights agree (the sharded checkpoint read without a process group)
+    from checkpoint import load_sharded_weights, load_weights
+    sharded = load_sharded_weights(tmp_path / "fsdp" / "step_000020")
+    plain = load_weights(tmp_path / "one" / "step_000020" / "model.safetensors")
+    assert sharded.keys() == plain.keys()
+    for name in plain:
+        torch.testing.assert_close(sharded[name], plain[name], atol=5e-5, rtol=0, msg=name)
+    if preset == "tiny":  # the balancing bias moved, identically (every rank applied the summed counts)
+        assert plain["layers.1.ffn.gate.bias"].abs().max() > 0
+        torch.testing.assert_close(sharded["layers.1.ffn.gate.bias"], plain["layers.1.ffn.gate.bias"], atol=0, rtol=0)
+
+
+SMALL = ["--model", "tiny", "--dim", "64", "--n_layers", "2", "--n_heads", "2", "--inter_dim", "128",
+         "--moe_inter_dim", "64", "--kv_lora_rank", "16", "--qk_nope_head_dim", "8", "--qk_rope_head_dim", "8",
+         "--v_head_dim", "8", "--n_routed_experts", "4", "--n_activated_experts", "2", "--steps", "12",
+         "--save_rate", "6", "--keep_checkpoints", "5"]
+PER_RANK_BATCH = {1: "4", 2: "2", 4: "1"}   # 256 tokens per step on any world size
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(corpus: Path, tmp_path_factory) -> dict[str, Path]:
+    """12 steps under 2-rank FSDP and in one process, each saving at step 6."""
+    root = tmp_path_factory.mktemp("uninterrupted")
+    train_ok(2, *common_args(corpus, root / "fsdp2", *SMALL, "--batch_size", "2", "--parallel", "fsdp"))
+    train_ok(0, *common_args(corpus, root / "one", *SMALL, "--batch_size", "4"))
+    return {"fsdp2": root / "fsdp2", "one": root / "one"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("source,ranks,parallel_mode", [("fsdp2", 1, "fsdp"), ("fsdp2", 4, "fsdp"),
+                                                        ("one", 2, "fsdp"), ("fsdp2", 0, "ddp")],
+                         ids=["2->1", "2->4", "1->2", "2->one-process-ddp"])
+def test_resume_under_another_world_size_continues_exactly(corpus: Path, uninterrupted, tmp_path: Path, source: str,
+                                                           ranks: int, parallel_mode: str) -> None:
+    import shutil
+
+    save = tmp_path / "resumed"
+    shutil.copytree(uninterrupted[source], save)
+    shutil.rmtree(save / "step_000012")
+    train_ok(ranks, *common_args(corpus, save, *SMALL, "--batch_size", PER_RANK_BATCH[max(ranks, 1)],
+                                 "--parallel", parallel_mode))
+    reference, resumed = losses(uninterrupted[source]), losses(save)
+    assert sorted(resumed) == list(range(1, 13))
+    for step in range(7, 13):
+        assert abs(resumed[step] - reference[step]) < 1e-5, (step, resumed[step], reference[step])
+    sharded = (save / "step_000012" / "dcp" / ".metadata").is_file()
+    assert sharded == (parallel_mode == "fsdp")
+
+
+@pytest.mark.slow
+def test_tools_read_a_sharded_checkpoint(corpus: Path, uninterrupted, tmp_path: Path) -> None:
+    from checkpoint import load_sharded_weights
+    from safetensors.torch import load_file
+
+    run = uninterrupted["fsdp2"]
+    step = run / "step_000012"
+    assert not (step / "model.safetensors").exists()
+    weights = load_sharded_weights(step)
+    # generate.py reads the run folder directly, and agrees with the consolidated weights
+    direct = run_script("generate.py", "--save_file_name", str(run), "--temperature", "0",
+                        "--num_tokens_to_generate", "8", "--input_text", "The", "--device", "cpu", env=ONE_THREAD)
+    assert direct.returncode == 0, direct.stderr
+    # hf_interop.py export
+    r = run_script("hf_interop.py", "--save_file_name", str(run), "--output_dir", str(tmp_path / "hf"),
+                   env=ONE_THREAD)
+    assert r.returncode == 0, r.stderr
+    # --init_from a sharded step folder
+    r = run_script("train.py", *common_args(corpus, tmp_path / "init", *SMALL, "--batch_size", "4", "--steps", "1",
+                                            "--lr", "1e-9", "--warm_up", "0", "--eval_rate", "0",
+                                            "--init_from", str(step)), env=ONE_THREAD)
+    assert r.returncode == 0, r.stderr
+    # the one-command consolidation
+    r = run_script("parallel.py", "--consolidate", str(step))
+    assert r.returncode == 0, r.stderr
+    consolidated = load_file(str(step / "model.safetensors"))
+    assert consolidated.keys() == weights.keys()
+    for name in weights:
+        torch.testing.assert_close(consolidated[name], weights[name], atol=0, rtol=0, msg=name)
+    after = run_script("generate.py", "--save_file_name", str(step), "--temperature", "0",
+                       "--num_tokens_to_generate", "8", "--input_text", "The", "--device", "cpu", env=ONE_THREAD)
+    assert after.returncode == 0 and after.stdout.splitlines()[0] == direct.stdout.splitlines()[0]
+
+
+def launch_ranks(world: int, *args: str, timeout: float = 300) -> list:
+    """What torchrun does, by hand: one process per rank with RANK/WORLD_SIZE/MASTER_* set, so that each rank's
+    own stderr can be checked (torchrun adds its own summary)."""
+    import subprocess
+
+    port = str(free_port())
+    procs = []
+    for rank in range(world):
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **ONE_THREAD, "RANK": str(rank), "LOCAL_RANK": str(rank),
+               "WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
+               "TORCHELASTIC_RUN_ID": "test"}
+        procs.append(subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    return [(p.wait(timeout), *p.communicate()) for p in procs]
+
+
+def test_fsdp_without_torchrun_is_a_one_line_error(corpus: Path, tmp_path: Path) -> None:
+    for extra in (["--parallel", "fsdp"], ["--parallel", "fsdp", "--dtype", "fp16"]):
+        r = run_script("train.py", *common_args(corpus, tmp_path / "x", *SMALL, "--batch_size", "4"), *extra,
+                       env=ONE_THREAD)
+        assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert "torchrun" in r.stderr
+        assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.slow
+def test_bad_fsdp_setups_are_one_line_errors(corpus: Path, tmp_path: Path) -> None:
+    # a world size that does not divide the batch: 256 tokens over 3 ranks of 2 x 32
+    results = launch_ranks(3, *common_args(corpus, tmp_path / "a", *SMALL, "--batch_size", "2", "--parallel", "fsdp"))
+    assert [code for code, _, _ in results] == [1, 1, 1]
+    lines = results[0][2].strip().splitlines()
+    assert len(lines) == 1 and "--total_batch_size 256 is not a positive multiple" in lines[0], results[0][2]
+    assert all(not err.strip() for _, _, err in results[1:])   # reported once, by rank 0
+    # fp16 under torchrun
+    results = launch_ranks(2, *common_args(corpus, tmp_path / "b", *SMALL, "--batch_size", "2", "--parallel", "fsdp",
+                                           "--dtype", "fp16"))
+    assert [code for code, _, _ in results] == [1, 1]
+    lines = results[0][2].strip().splitlines()
+    assert len(lines) == 1 and "--dtype bf16" in lines[0], results[0][2]
+    assert not results[1][2].strip()
