@@ -238,6 +238,31 @@ def test_dcp_checkpoint_reshards_to_any_world_size(tmp_path: Path) -> None:
     assert stored["layers.1.ffn.gate.bias"].abs().max() > 0                   # the balancing bias is saved
 
 
+def _crash_worker(rank: int, world: int, args: ModelArgs, final: Path) -> None:
+    model = parallel.apply_fsdp(build(args), torch.device("cpu"))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+    def die(tmp: Path) -> None:  # rank 0 is killed after every shard was written, before the rename
+        assert sorted(p.name for p in (tmp / "dcp").iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+        os._exit(3)
+
+    parallel.save_sharded_checkpoint(final, model, optimizer, die)
+
+
+@pytest.mark.slow
+def test_a_crash_during_a_sharded_save_leaves_no_checkpoint(tmp_path: Path) -> None:
+    import checkpoint
+
+    root = tmp_path / "run"
+    with pytest.raises(Exception):
+        spawn(_crash_worker, 2, tiny_args(), root / "step_000001")
+    assert not (root / "step_000001").exists()
+    assert checkpoint.find_checkpoint(root) is None
+    leftovers = [p.name for p in root.iterdir()]
+    assert len(leftovers) == 1 and leftovers[0].startswith(".tmp_")       # removed by the next run's startup
+    assert checkpoint.remove_stale_temporaries(root) and not any(root.iterdir())
+
+
 def test_consolidate_refuses_a_plain_folder(tmp_path: Path) -> None:
     r = run_script("parallel.py", "--consolidate", str(tmp_path))
     assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1, r.stderr
