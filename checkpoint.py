@@ -319,26 +319,12 @@ def read_meta(step_dir: Path | str) -> dict[str, Any]:
 # Loading
 
 
-def is_hf_model_folder(path: Path | str) -> bool:
-    config = Path(path) / "config.json"
-    if not config.is_file():
-        return False
-    try:
-        return json.loads(config.read_text()).get("model_type") == "deepseek_v3"
-    except (OSError, json.JSONDecodeError):
-        return False
-
-
 def load_model(path: Path | str, device: str | torch.device = "cpu",
                dtype: torch.dtype | None = None) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Rebuild the model from a checkpoint's stored config and load its weights (memory-mapped on CPU).
     Returns (model in eval mode, meta). HF folders: hf_interop.load_any_model."""
     from model import Transformer
 
-    if is_hf_model_folder(path):  # TODO(genhf): this branch moves into hf_interop.load_any_model
-        from hf_interop import load_hf_model
-
-        return load_hf_model(Path(path), device=device, dtype=dtype)
     step_dir = resolve_checkpoint(path)
     meta = read_meta(step_dir)
     args = ModelArgs.from_dict(meta["model_args"])
