@@ -14,8 +14,8 @@ A sharded checkpoint is a step folder like a DDP one, but with the weights and o
 
     <root>/step_000500/
         dcp/            .metadata + one __<rank>_0.distcp file per rank, written by all ranks in parallel
-        meta.json       as for DDP; "format": "dcp"
-        train_state...  as for DDP (data-loader positions, RNG, step)
+        meta.json       as for DDP; its file list (sizes, sha256) includes the dcp/ files
+        train_state.pt  as for DDP (data-loader positions of every rank, RNG states, step)
 
 DCP stores every tensor with its global shape, so any number of ranks (or one process without a process group)
 can read it back: a 2-rank run resumes on 1, 3 or 4 ranks and continues exactly.
@@ -33,8 +33,7 @@ import torch
 import torch.distributed as dist
 
 import checkpoint
-from config import ModelArgs, ParallelConfig, UserError, model_args_from_preset, MODEL_PRESETS, parse_config, \
-    run_main
+from config import MODEL_PRESETS, ModelArgs, ParallelConfig, UserError, model_args_from_preset, parse_config, run_main
 
 DCP_DIR = checkpoint.DCP_DIR        # the DCP folder inside a step folder
 
@@ -101,12 +100,6 @@ def apply_fsdp(model: torch.nn.Module, device: torch.device, dtype: str = "fp32"
         fully_shard(block, **kwargs)
     fully_shard(model, **kwargs)
     return model
-
-
-def set_gradient_sync(model: torch.nn.Module, enabled: bool) -> None:
-    """Gradient accumulation under FSDP: with sync off, backward keeps unsharded gradients and skips the
-    reduce-scatter; the last micro-step turns it back on and reduces the accumulated sum once."""
-    model.set_requires_gradient_sync(enabled)
 
 
 def local_value(tensor: torch.Tensor) -> torch.Tensor:

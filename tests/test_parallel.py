@@ -358,8 +358,9 @@ def uninterrupted(corpus: Path, tmp_path_factory) -> dict[str, Path]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("source,ranks,parallel_mode", [("fsdp2", 1, "fsdp"), ("fsdp2", 4, "fsdp"),
-                                                        ("one", 2, "fsdp"), ("fsdp2", 0, "ddp")],
-                         ids=["2->1", "2->4", "1->2", "2->one-process-ddp"])
+                                                        ("one", 2, "fsdp"), ("fsdp2", 0, "ddp"),
+                                                        ("fsdp2", 2, "ddp")],
+                         ids=["2->1", "2->4", "1->2", "2->one-process", "2->2-ddp"])
 def test_resume_under_another_world_size_continues_exactly(corpus: Path, uninterrupted, tmp_path: Path, source: str,
                                                            ranks: int, parallel_mode: str) -> None:
     import shutil
