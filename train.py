@@ -709,9 +709,12 @@ def save(run: Run, step: int, task: Task) -> Path | None:
     train_state = {"step": step, "lr": lr_at(step, run.cfg), "loader": loaders, "rng": rngs,
                    "world_size": d.world_size, "scaler": run.scaler.state_dict() if run.scaler else None}
     if parallel.is_fsdp(run.raw):  # every rank writes its shards (DCP); rank 0 the rest, then publishes
-        final = run.root / checkpoint.step_name(step)
-        path = parallel.save_sharded_checkpoint(final, run.raw, run.optimizer, lambda tmp: checkpoint.write_step_files(
-            tmp, step, None, None, run.meta, train_state, run.run_id, run.tokenizer.source))
+        def write_rest(tmp: Path) -> None:  # rank 0, once every rank's shards are in tmp/dcp
+            checkpoint.write_step_files(tmp, step, None, None, run.meta, train_state, run.run_id,
+                                        run.tokenizer.source)
+
+        path = parallel.save_sharded_checkpoint(run.root / checkpoint.step_name(step), run.raw, run.optimizer,
+                                                write_rest)
         if d.is_main:
             checkpoint.prune(run.root, run.run_id, run.cfg.keep_checkpoints)
     elif d.is_main:
