@@ -8,7 +8,7 @@ PY="${PYTHON:-python3}"
 TOK=(--tokenizer_path "$OUT/tokenizer")
 
 echo "== 1/4 train a 4096-token byte-level BPE on the built-in corpus"
-$PY train_tokenizer.py --dataset_path_huggingface builtin --vocab_size 4096 \
+$PY train_tokenizer.py --dataset_path_huggingface builtin --vocab_size 4096 --overwrite \
     --tokenizer_train_shard_size 3000000 --output_path "$OUT/tokenizer"
 
 echo "== 2/4 tokenize the corpus into .npy shards"
