@@ -289,6 +289,11 @@ class TrainConfig(TokenizerOptions):
     quiet: bool = opt(False, "print only the summary, evaluations, checkpoints and errors")
     peak_flops: float = opt(0.0, "peak FLOP/s per device for MFU; 0 means the GPU's table value (bf16/fp16) or "
                                  "the matmul rate measured at startup", ge=0)
+    parallel: str = opt("ddp", "data parallelism under torchrun: ddp keeps a full copy of the model, gradients and "
+                               "optimizer state on every rank; fsdp shards them across ranks (FSDP2, sharded DCP "
+                               "checkpoints; needs torchrun)", choices=("ddp", "fsdp"))
+    reshard_after_forward: bool = opt(True, "fsdp: free each block's gathered weights after its forward and gather "
+                                            "them again for backward (less memory, one more all-gather per block)")
 
 
 @dataclass
@@ -327,6 +332,20 @@ class ExportConfig(TokenizerOptions):
     save_tokenizer: bool = opt(True, "also write tokenizer.json and tokenizer_config.json (the checkpoint's "
                                      "tokenizer, checked by fingerprint)")
     overwrite: bool = opt(False, "replace --output_dir when it already holds a model")
+
+
+@dataclass
+class ParallelConfig(Options):
+    """Options of parallel.py: consolidate a sharded (FSDP) checkpoint into model.safetensors, or print the memory
+    sizing table of DDP against FSDP."""
+
+    consolidate: str = opt("", "a step folder written by train.py --parallel fsdp: write its model.safetensors from "
+                               "the DCP shards")
+    sizing_table: bool = opt(False, "print the per-rank memory table (the default when --consolidate is not given)")
+    readme: str = opt("", "rewrite the sizing table between the sizing-table markers of this README file")
+    batch_size: int = opt(4, "sizing table: sequences per micro-batch per rank", ge=1)
+    seq_len: int = opt(2048, "sizing table: tokens per sequence", ge=1)
+    dtype: str = opt("bf16", "sizing table: compute dtype", choices=("fp32", "bf16", "fp16"))
 
 
 @dataclass
@@ -524,7 +543,8 @@ def readme_blocks() -> dict[str, str]:
     """Every generated README block by name."""
     blocks = {"train_tokenizer.py": TrainTokenizerConfig, "tokenize_data.py": TokenizeDataConfig,
               "train.py": TrainConfig, "model": ModelArgs, "generate.py": GenerateConfig,
-              "hf_interop.py": ExportConfig, "data_loader.py": CheckDataConfig, "tokenizer.py": InspectTokenizerConfig}
+              "hf_interop.py": ExportConfig, "data_loader.py": CheckDataConfig, "tokenizer.py": InspectTokenizerConfig,
+              "parallel.py": ParallelConfig}
     out = {name: options_markdown(cls) for name, cls in blocks.items()}
     out["presets"] = presets_markdown()
     return out

@@ -737,7 +737,8 @@ class Transformer(nn.Module):
         if active:
             a = self.args
             for moe in self.moe_layers():
-                per_expert = sum(p[0].numel() for p in moe.experts.parameters())
+                # numel / rows rather than p[0].numel(): indexing an FSDP-sharded DTensor is a collective
+                per_expert = sum(p.numel() // p.size(0) for p in moe.experts.parameters())
                 total -= (a.n_routed_experts - a.n_activated_experts) * per_expert
         return total
 
