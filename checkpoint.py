@@ -325,6 +325,8 @@ def load_model(path: Path | str, device: str | torch.device = "cpu",
             state_dict = {k: v.to(device) for k, v in state_dict.items()}
         # assign=True keeps the memory-mapped tensors instead of copying them into freshly allocated ones
         model.load_state_dict(state_dict, strict=True, assign=dtype is None)
+        if args.tie_embeddings:  # assign=True replaced both parameters: share them again
+            model.head.weight = model.embed.weight
     except Exception as e:  # safetensors raises its own error types for damaged files
         raise UserError(f"could not load weights from '{step_dir}' ({first_line(e)}); the checkpoint is damaged "
                         f"or was written by an incompatible version") from None

@@ -224,3 +224,15 @@ def test_a_moved_run_folder_still_finds_its_tokenizer(tmp_path: Path) -> None:
     meta = checkpoint.read_meta(tmp_path / "moved" / step_dir.name)
     assert Path(meta["tokenizer"]["path"]) == (tmp_path / "moved" / step_dir.name / "tokenizer.json").resolve()
     assert json.loads(Path(meta["tokenizer"]["path"]).read_text()) == {"model": {}}
+
+
+def test_tied_embeddings_stay_tied_after_loading(tmp_path: Path) -> None:
+    import dataclasses
+
+    torch.manual_seed(0)
+    model = Transformer(dataclasses.replace(ARGS, tie_embeddings=True))
+    model.init_weights()
+    checkpoint.save_checkpoint(tmp_path, 1, model, None, {"model_args": model.args.to_dict()}, {})
+    loaded, _ = checkpoint.load_model(tmp_path)
+    assert loaded.head.weight is loaded.embed.weight
+    assert torch.equal(loaded.embed.weight, model.embed.weight)
