@@ -146,20 +146,9 @@ def save_checkpoint(root: Path | str, step: int, model: torch.nn.Module | dict[s
 
 
 def list_checkpoints(root: Path | str, run_id: str | None = None) -> list[Path]:
-    """Step folders under root that have a meta.json (of run `run_id` when given), oldest first. Their files are
-    not checked here: see verify_checkpoint."""
-    root = Path(root)
-    if not root.is_dir():
-        return []
-    found = []
-    for p in root.iterdir():
-        m = _STEP_DIR.match(p.name)
-        if not (m and p.is_dir()):
-            continue
-        if run_id is not None and _meta_or_none(p).get("run_id") != run_id:
-            continue
-        found.append((int(m.group(1)), p))
-    return [p for _, p in sorted(found)]
+    """Step folders under root (of run `run_id` when given), oldest first. Their files are not checked here: see
+    verify_checkpoint."""
+    return [p for p in step_folders(root) if run_id is None or _meta_or_none(p).get("run_id") == run_id]
 
 
 def step_folders(root: Path | str) -> list[Path]:
@@ -265,26 +254,12 @@ def read_meta(step_dir: Path | str) -> dict[str, Any]:
 # Loading
 
 
-def is_hf_model_folder(path: Path | str) -> bool:
-    config = Path(path) / "config.json"
-    if not config.is_file():
-        return False
-    try:
-        return json.loads(config.read_text()).get("model_type") == "deepseek_v3"
-    except (OSError, json.JSONDecodeError):
-        return False
-
-
 def load_model(path: Path | str, device: str | torch.device = "cpu",
                dtype: torch.dtype | None = None) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Rebuild the model from a checkpoint's stored config and load its weights (memory-mapped on CPU).
     Returns (model in eval mode, meta). HF folders: hf_interop.load_any_model."""
     from model import Transformer
 
-    if is_hf_model_folder(path):  # TODO(genhf): this branch moves into hf_interop.load_any_model
-        from hf_interop import load_hf_model
-
-        return load_hf_model(Path(path), device=device, dtype=dtype)
     step_dir = resolve_checkpoint(path)
     meta = read_meta(step_dir)
     args = ModelArgs.from_dict(meta["model_args"])

@@ -158,7 +158,7 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
     "small-moe": dict(dim=256, inter_dim=1024, moe_inter_dim=256, n_layers=4, n_dense_layers=1, n_heads=8,
                       max_seq_len=256, kv_lora_rank=32, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
                       n_routed_experts=8, n_shared_experts=1, n_activated_experts=2, **SMALL_MOE_ROUTING),
-    # 27M parameters without the embedding (36M with a 32k vocabulary): more experts, a bit deeper
+    # 27M parameters without the embedding (35M with a 32k vocabulary): more experts, a bit deeper
     "moe-30m": dict(dim=256, inter_dim=1024, moe_inter_dim=256, n_layers=6, n_dense_layers=1, n_heads=8,
                     max_seq_len=512, kv_lora_rank=32, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
                     n_routed_experts=16, n_shared_experts=1, n_activated_experts=2, **SMALL_MOE_ROUTING),
