@@ -158,7 +158,7 @@ def check_destination(final: Path | str, flag: str) -> None:
         raise UserError(f"cannot write to '{parent}' (where {flag} '{final}' would go); choose a writable {flag}")
 
 
-def remove_stale_temporaries(final: Path | str) -> None:
+def recover_atomic_folder(final: Path | str) -> None:
     """Clean up after an atomic_folder(final) whose process was killed: remove its partial `.tmp_*` folder and,
     should it have died between its two renames (final moved aside, the new one not yet in place), move the old
     folder back. Folders of live processes are left alone."""

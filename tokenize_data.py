@@ -516,11 +516,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     os.environ["RAYON_NUM_THREADS"] = str(workers)
     os.environ["TOKENIZERS_PARALLELISM"] = "true" if workers > 1 else "false"
 
-    from common import remove_stale_temporaries
+    from common import recover_atomic_folder
 
     out_dir = Path(cfg.data_file_name).expanduser()
     check_output(out_dir, cfg.overwrite)
-    remove_stale_temporaries(out_dir)
+    recover_atomic_folder(out_dir)
     return _tokenize(cfg, out_dir, workers)
 
 

@@ -132,12 +132,12 @@ def check_output(out: Path, overwrite: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from common import atomic_folder, atomic_write, remove_stale_temporaries
+    from common import atomic_folder, atomic_write, recover_atomic_folder
 
     cfg = parse_config(TrainTokenizerConfig, argv, description=__doc__.split("\n\n")[0])
     out = Path(cfg.output_path).expanduser()
     check_output(out, cfg.overwrite)
-    remove_stale_temporaries(out)
+    recover_atomic_folder(out)
     with remove_new_folder_on_failure(out.parent), atomic_folder(out, "--output_path") as tmp:
         tok, chars = train(cfg)
         meta = metadata(tok, cfg, chars)

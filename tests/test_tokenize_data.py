@@ -440,9 +440,9 @@ def test_command_line_errors(tmp_path, tok_dir, tok, unicode_file) -> None:
 
 def test_a_run_killed_between_its_two_renames_is_repaired(tmp_path, tok) -> None:
     """A run killed after moving the old dataset aside and before renaming the new one into place: the next run
-    (common.remove_stale_temporaries, called by main before any work) puts the old one back; temporary folders
+    (common.recover_atomic_folder, called by main before any work) puts the old one back; temporary folders
     of a live process are left alone."""
-    from common import remove_stale_temporaries
+    from common import recover_atomic_folder
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                           text=True).stdout.strip()
@@ -454,6 +454,6 @@ def test_a_run_killed_between_its_two_renames_is_repaired(tmp_path, tok) -> None
     (tmp_path / f".tmp_data_{dead}" / "train_000000.npy").write_bytes(b"partial")
     live = tmp_path / f".tmp_data_{os.getpid()}"
     live.mkdir()
-    remove_stale_temporaries(tmp_path / "data")
+    recover_atomic_folder(tmp_path / "data")
     assert folder_bytes(tmp_path / "data") == before
     assert litter(tmp_path) == [live.name]
