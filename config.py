@@ -304,6 +304,9 @@ class GenerateConfig(TokenizerOptions):
     compile_model: bool = opt(False, "torch.compile the decode step (for GPUs: on CPU the eager decode path is "
                                      "faster, see bench/bench_generate.py --compile)")
     stream: bool = opt(True, "print tokens as they are produced (single sequence only)")
+    chat: bool = opt(False, "talk to the model in the terminal with the chat template (chat.py): multi-turn, "
+                            "/reset and /exit")
+    system_prompt: str = opt("", "with --chat: a system message that starts every conversation")
 
 
 @dataclass

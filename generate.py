@@ -270,6 +270,9 @@ class StreamPrinter:
 
 def main(argv: Sequence[str] | None = None) -> None:
     cfg: GenerateConfig = parse_config(GenerateConfig, argv, description=__doc__.split("\n\n")[0])
+    if cfg.chat:  # the multi-turn terminal chat lives in chat.py
+        import chat
+        return chat.main_chat(cfg)
     if cfg.num_tokens_to_generate < 1:
         raise UserError("--num_tokens_to_generate must be at least 1")
     if cfg.num_samples < 1:
