@@ -90,6 +90,7 @@ def test_trained_template_ids_and_mask_equal_transformers_apply_chat_template(tr
     assert tid("<|user|>") not in typed[2:-1] and tid("<|end_of_turn|>") not in typed[2:-1]
 
 
+@pytest.mark.slow
 def test_mistral_ids_equal_mistral_common_with_and_without_system_prompt(mistral, tmp_path):
     from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMessage, UserMessage
     from mistral_common.protocol.instruct.request import ChatCompletionRequest
