@@ -310,6 +310,24 @@ class GenerateConfig(TokenizerOptions):
 
 
 @dataclass
+class ServeConfig(TokenizerOptions):
+    """Options of serve.py (an OpenAI-compatible HTTP server and chat page for a checkpoint)."""
+
+    save_file_name: str = opt("checkpoints", "checkpoint folder (its latest checkpoint), a checkpoint, or a HF "
+                                             "DeepseekV3 model folder")
+    host: str = opt("127.0.0.1", "address to listen on; anything but localhost needs --allow_remote")
+    port: int = opt(8000, "TCP port (0 picks a free one)", ge=0, le=65535)
+    allow_remote: bool = opt(False, "allow --host to be an address other machines can reach (no authentication!)")
+    model_name: str = opt("", "the model id clients pass; empty means the checkpoint folder's name")
+    max_batch_size: int = opt(8, "sequences decoded together (continuous batching); more requests wait", ge=1)
+    max_tokens: int = opt(256, "default max_tokens of a request that gives none", ge=1)
+    system_prompt: str = opt("", "a system message put before chat requests that have none")
+    seed: int = opt(1337, "seed for requests that give none", ge=0, le=2**63 - 1)
+    dtype: str = opt("auto", "compute dtype", choices=("auto", "fp32", "bf16", "fp16"))
+    device: str = opt("auto", "cpu, cuda, or auto")
+
+
+@dataclass
 class ExportConfig(TokenizerOptions):
     """Options of hf_interop.py (export a checkpoint as a Hugging Face DeepseekV3 model folder)."""
 
@@ -515,7 +533,7 @@ def presets_markdown() -> str:
 def readme_blocks() -> dict[str, str]:
     """Every generated README block by name."""
     blocks = {"train_tokenizer.py": TrainTokenizerConfig, "tokenize_data.py": TokenizeDataConfig,
-              "train.py": TrainConfig, "model": ModelArgs, "generate.py": GenerateConfig,
+              "train.py": TrainConfig, "model": ModelArgs, "generate.py": GenerateConfig, "serve.py": ServeConfig,
               "hf_interop.py": ExportConfig, "data_loader.py": CheckDataConfig, "tokenizer.py": InspectTokenizerConfig}
     out = {name: options_markdown(cls) for name, cls in blocks.items()}
     out["presets"] = presets_markdown()
