@@ -283,6 +283,33 @@ class TrainConfig(TokenizerOptions):
 
 
 @dataclass
+class SFTConfig(TrainConfig):
+    """Options of sft.py: train.py's options (the same loop) plus where the conversations come from and how
+    they are cut into rows; the defaults differ where fine-tuning differs from pretraining."""
+
+    init_from: str = opt("checkpoints", "the pretrained model: a checkpoint folder or a HF DeepseekV3 model folder")
+    save_file_name: str = opt("sft_checkpoints", "checkpoint folder (training resumes from its latest checkpoint)")
+    dataset_path_huggingface: str = opt("builtin", "conversations: a HF hub dataset id, a local .jsonl/.parquet "
+                                                   "file or folder, or 'builtin' (chat_data.py, no download)")
+    dataset_sub_set: str = opt("", "HF dataset configuration (subset) name")
+    dataset_split: str = opt("train", "dataset split to read")
+    trust_remote_code: bool = opt(False, "allow the HF dataset's own loading script to run")
+    messages_column: str = opt("messages", "column holding a conversation as a list of {role, content}")
+    prompt_column: str = opt("prompt", "without a messages column: the column of the user's message")
+    response_column: str = opt("response", "without a messages column: the column of the assistant's reply")
+    max_conversations: int = opt(0, "read at most this many conversations per split (0 = all)", ge=0)
+    pack: bool = opt(True, "pack whole conversations into each row (otherwise one conversation per padded row)")
+    overlong: str = opt("truncate", "a conversation longer than a row: truncate it, or drop it",
+                        choices=("truncate", "drop"))
+    steps: int = opt(300, "optimizer steps", ge=1)
+    total_batch_size: int = opt(4096, "tokens per optimizer step, across all ranks and micro-steps", ge=1)
+    lr: float = opt(3e-4, "peak learning rate", gt=0)
+    min_lr: float = opt(3e-5, "learning rate at the end of the cosine decay", ge=0)
+    warm_up: int = opt(20, "linear warm-up steps", ge=0)
+    eval_rate: int = opt(100, "evaluate the held-out answer loss every this many steps (0 = never)", ge=0)
+
+
+@dataclass
 class GenerateConfig(TokenizerOptions):
     """Options of generate.py."""
 
@@ -533,7 +560,7 @@ def presets_markdown() -> str:
 def readme_blocks() -> dict[str, str]:
     """Every generated README block by name."""
     blocks = {"train_tokenizer.py": TrainTokenizerConfig, "tokenize_data.py": TokenizeDataConfig,
-              "train.py": TrainConfig, "model": ModelArgs, "generate.py": GenerateConfig, "serve.py": ServeConfig,
+              "train.py": TrainConfig, "sft.py": SFTConfig, "model": ModelArgs, "generate.py": GenerateConfig, "serve.py": ServeConfig,
               "hf_interop.py": ExportConfig, "data_loader.py": CheckDataConfig, "tokenizer.py": InspectTokenizerConfig}
     out = {name: options_markdown(cls) for name, cls in blocks.items()}
     out["presets"] = presets_markdown()
