@@ -274,6 +274,8 @@ class TrainConfig(TokenizerOptions):
     backend: str = opt("inductor", "torch.compile backend")
     shuffle: bool = opt(True, "shuffle the order of training windows (seeded)")
     resume: bool = opt(True, "continue from the latest checkpoint in --save_file_name when there is one")
+    overwrite: bool = opt(False, "with --resume=False, replace the run already in --save_file_name (its files are "
+                                 "set aside and removed once this run has saved its final checkpoint)")
     init_from: str = opt("", "start from these weights: a checkpoint folder or a HF DeepseekV3 model folder")
     log_file: str = opt("", "JSONL log path; empty means <save_file_name>/log.jsonl")
     log_every: int = opt(1, "print a progress line every this many steps (the JSONL log gets every step)", ge=1)
