@@ -17,6 +17,7 @@ loop (resume, DDP, autocast, logging, checkpoints); the checkpoints also record 
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -205,3 +206,85 @@ def answer_nll(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tens
             count += n
     model.train(was_training)
     return (total / count if count else float("nan")), count
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The training stage (train.py's core runs it)
+
+
+class SFTTask:
+    """The conversations as rows; loss: assistant-only cross-entropy; evaluation: the held-out answer loss."""
+
+    def __init__(self, run) -> None:
+        import chat
+
+        cfg, d = run.cfg, run.dist
+        fmt = chat.ChatFormat(run.tokenizer)
+        run.meta["chat_template"] = fmt.template          # every checkpoint records the template it trained
+        train_examples, counts = encode_conversations(fmt, read_conversations(cfg, "train"), run.seq_len,
+                                                      cfg.overlong)
+        if not train_examples:
+            raise UserError(f"no usable conversation in '{cfg.dataset_path_huggingface}' ({counts}); each needs an "
+                            f"assistant reply within --seq_len {run.seq_len}")
+        inputs, targets = build_rows(train_examples, run.seq_len, run.tokenizer.pad_id, cfg.pack)
+        self.train_source = RowSource(inputs, targets, cfg.batch_size, cfg.seed, cfg.shuffle, d.rank, d.world_size)
+        self.eval_batches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        held_out = 0
+        if cfg.eval_rate > 0:
+            eval_examples, _ = encode_conversations(fmt, read_conversations(cfg, "eval"), run.seq_len, cfg.overlong)
+            held_out = len(eval_examples)
+            if eval_examples:
+                ex, ey = build_rows(eval_examples, run.seq_len, run.tokenizer.pad_id, cfg.pack)
+                ex, ey = torch.from_numpy(ex), torch.from_numpy(ey)
+                if cfg.eval_steps:
+                    ex, ey = ex[:cfg.eval_steps * cfg.batch_size], ey[:cfg.eval_steps * cfg.batch_size]
+                mine = range(d.rank * cfg.batch_size, len(ex), cfg.batch_size * d.world_size)
+                self.eval_batches = [(ex[i:i + cfg.batch_size], ey[i:i + cfg.batch_size]) for i in mine]
+        trained = int((targets != -1).sum())
+        run.logger.print(f"conversations: {len(train_examples)} of {counts['conversations']} used "
+                         f"({counts['truncated']} truncated, {counts['dropped_overlong']} dropped as longer than "
+                         f"{run.seq_len + 1} tokens, {counts['skipped']} without a usable assistant reply) -> "
+                         f"{len(inputs)} rows ({'packed' if cfg.pack else 'one per row'}), {trained} trained "
+                         f"tokens ({trained / inputs.size:.0%} of the positions); {held_out} held out", True)
+        run.logger.record("sft_data", 0, **counts, rows=len(inputs), trained_tokens=trained, held_out=held_out)
+
+    loss = staticmethod(sft_loss)
+
+    def evaluate(self, run) -> dict[str, float]:
+        import train
+
+        if not self.eval_batches:
+            return {}
+        results = train.evaluate_loss(run, self.eval_batches, self.loss, total=len(self.eval_batches))
+        return {"val_answer_loss": results["loss"]}
+
+
+def load_sft_tokenizer(cfg: SFTConfig):
+    """The tokenizer the --init_from model records (a tokenizer flag may name it; the fingerprint must agree)."""
+    import checkpoint
+    import hf_interop
+    import tokenizer as tokenizer_lib
+
+    source = Path(cfg.init_from)
+    if not cfg.init_from or not source.exists():
+        raise UserError(f"--init_from '{cfg.init_from}' does not exist; pass the pretrained model (a checkpoint "
+                        f"folder written by train.py, or a HF model folder)")
+    if checkpoint.is_hf_model_folder(source):
+        recorded = dict(hf_interop.folder_tokenizer_meta(source) or {})
+        recorded.setdefault("path", str((source / "tokenizer.json").resolve()))
+        if not cfg.load_mistral_tokenizer and not Path(cfg.tokenizer_path).exists():
+            cfg = dataclasses.replace(cfg, tokenizer_path=str(source))
+    else:
+        recorded = checkpoint.read_meta(checkpoint.resolve_checkpoint(source)).get("tokenizer")
+    return tokenizer_lib.load_recorded_tokenizer(cfg, recorded, f"the model '{cfg.init_from}'")
+
+
+def main(argv: list[str] | None = None) -> None:
+    import train
+
+    cfg, overrides = parse_config(SFTConfig, argv, description=__doc__.split("\n\n")[0], with_model_args=True)
+    train.run_stage(cfg, overrides, SFTTask, load_sft_tokenizer)
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -5,6 +5,8 @@ prompt/response columns, jsonl and parquet), and the training run (resume, check
 from __future__ import annotations
 
 import json
+import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -136,3 +138,36 @@ def test_row_source_is_seeded_resumable_and_split_across_ranks():
     r0, r1 = sft.RowSource(inputs, inputs, 5, 1, rank=0, world_size=2), sft.RowSource(inputs, inputs, 5, 1, rank=1,
                                                                                        world_size=2)
     assert not set(r0.next_batch()[0][:, 0].tolist()) & set(r1.next_batch()[0][:, 0].tolist())
+
+
+@pytest.mark.slow
+def test_sft_run_records_the_template_resumes_exactly_and_learns(tok, tmp_path, capsys):
+    """sft.py on the built-in data from a tiny checkpoint: the held-out answer loss goes down, the checkpoint
+    records the chat template, and a stopped run resumed to the same step count gives identical weights."""
+    import checkpoint
+
+    model = random_model(tiny_args(tok.vocab_size, max_seq_len=96), seed=4)
+    save_checkpoint(tmp_path / "base", model, tok)
+    common = ["--init_from", str(tmp_path / "base"), "--max_conversations", "60", "--seq_len", "96",
+              "--batch_size", "4", "--total_batch_size", "384", "--lr", "3e-3", "--warm_up", "2", "--eval_rate", "6",
+              "--eval_steps", "2", "--device", "cpu", "--log_every", "1"]
+    sft.main([*common, "--save_file_name", str(tmp_path / "full"), "--steps", "6", "--save_rate", "3"])
+    out = capsys.readouterr().out
+    assert re.search(r"conversations: \d+ of 60 used", out) and "held out" in out
+    assert re.search(r"val answer loss [\d.]+", out)
+    final = checkpoint.resolve_checkpoint(tmp_path / "full")
+    assert checkpoint.read_meta(final)["chat_template"] == tok.chat_template
+    # resume: the same folder without its last checkpoint continues from step 3 to the same weights
+    shutil.copytree(tmp_path / "full", tmp_path / "parts")
+    shutil.rmtree(tmp_path / "parts" / final.name)
+    sft.main([*common, "--save_file_name", str(tmp_path / "parts"), "--steps", "6", "--save_rate", "3"])
+    assert "resuming from" in capsys.readouterr().out
+    a = checkpoint.load_weights(final / checkpoint.WEIGHTS_FILE)
+    b = checkpoint.load_weights(checkpoint.resolve_checkpoint(tmp_path / "parts") / checkpoint.WEIGHTS_FILE)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sft_one_line_errors(tmp_path, script):
+    result = script("sft.py", "--init_from", str(tmp_path / "nowhere"), "--save_file_name", str(tmp_path / "out"))
+    assert result.returncode != 0 and "--init_from" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()
