@@ -62,7 +62,9 @@ def _topic_examples() -> list[tuple[str, str, str]]:
         title = lines[0].strip().replace('"', "`")
         if not title[1:2].isupper():  # "The `with` statement" -> "the `with` statement"; acronyms stay
             title = title[0].lower() + title[1:]
-        answer = first_paragraph("\n".join(lines[2:]))
+        # the first paragraph of prose (grammar productions "a ::= b" are not an answer)
+        paragraphs = [p for p in re.split(r"\n\s*\n", "\n".join(lines[2:])) if p.strip() and "::=" not in p]
+        answer = first_paragraph(paragraphs[0]) if paragraphs else ""
         if len(answer) >= 40:
             out.append((name, f"Explain {title}.", answer))
     return out

@@ -88,6 +88,7 @@ class Request:
         seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, (1,)).item())
         self.choices = [Choice(i, torch.Generator().manual_seed(seed + i)) for i in range(params.n)]
         self.completion_tokens = 0
+        self.stream_options: Any = None  # OpenAI's {"include_usage": true} adds a last chunk with the usage
 
     def emit(self, *event: Any) -> None:
         if self.loop is not None and not self.loop.is_closed():
@@ -423,6 +424,7 @@ def create_app(engine: Engine, fmt, model_name: str, default_max_tokens: int = 2
     async def run(http: HTTPRequest, body: dict, prompt: list[int], chat: bool):
         params = parse_params(body, len(prompt), engine.context, default_max_tokens)
         request = Request(prompt, params, asyncio.get_running_loop())
+        request.stream_options = body.get("stream_options")
         engine.submit(request)
         kind = "chat.completion" if chat else "text_completion"
         if body.get("stream"):
@@ -484,6 +486,8 @@ def create_app(engine: Engine, fmt, model_name: str, default_max_tokens: int = 2
                     yield f"data: {json.dumps(RequestError(500, event[1], kind='server_error').body())}\n\n"
                     break
                 elif event[0] == "done":
+                    if isinstance(body_options := request.stream_options, dict) and body_options.get("include_usage"):
+                        yield f"data: {json.dumps({**head, 'choices': [], 'usage': event[1]})}\n\n"
                     break
             yield "data: [DONE]\n\n"
         finally:

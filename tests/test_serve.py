@@ -87,6 +87,10 @@ def test_chat_completion_non_streaming_and_streaming_equal_the_greedy_reference(
     assert len([c for c in chunks if c.choices[0].delta.content]) > 1  # streamed in pieces
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == expected
     assert chunks[-1].choices[0].finish_reason == reply.choices[0].finish_reason
+    with_usage = list(client.chat.completions.create(model="tiny-chat", messages=messages, max_tokens=20,
+                                                     temperature=0, stream=True,
+                                                     stream_options={"include_usage": True}))
+    assert with_usage[-1].choices == [] and with_usage[-1].usage.completion_tokens == reply.usage.completion_tokens
 
 
 def test_completions_seed_n_and_stop(client, setup):
