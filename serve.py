@@ -61,6 +61,7 @@ class Params:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     n: int = 1
+    ignore_eos: bool = False  # vLLM's extension: generate max_tokens whatever the model says (benchmarks)
 
 
 @dataclass
@@ -189,14 +190,16 @@ class Engine:
             self.pending = deque(r for r in self.pending if not r.cancelled)
 
     def _admit(self) -> None:
-        """Prefill waiting requests into free rows while there is room for all of a request's n sequences."""
-        while True:
-            with self.lock:
-                free = [i for i, s in enumerate(self.slots) if s is None]
-                if not self.pending or len(free) < self.pending[0].params.n:
-                    return
+        """Prefill, in one batch, the waiting requests that fit the free rows (all n sequences of each)."""
+        batch: list[tuple[Request, list[int]]] = []
+        with self.lock:
+            free = [i for i, s in enumerate(self.slots) if s is None]
+            while self.pending and len(free) >= self.pending[0].params.n:
                 request = self.pending.popleft()
-            self._prefill(request, free[:request.params.n])
+                batch.append((request, free[:request.params.n]))
+                free = free[request.params.n:]
+        if batch:
+            self._prefill(batch)
 
     def _shift(self, delta: int) -> None:
         """Move every row's cache delta slots right (delta > 0) or left (< 0); pads and P follow."""
@@ -208,33 +211,59 @@ class Engine:
         self.pad += delta
         self.pos += delta
 
-    def _prefill(self, request: Request, rows: list[int]) -> None:
-        model, length = self.model, len(request.prompt)
+    def _prefill(self, batch: list[tuple[Request, list[int]]]) -> None:
+        """The new prompts, left-padded to one length, through a separate cache in one forward; each prompt's
+        cache is then copied into its rows, ending at P, and its first token sampled."""
+        model = self.model
+        lengths = [len(request.prompt) for request, _ in batch]
+        longest = max(lengths)
         if self.active() == 0:
-            self.pos = length
-        elif self.pos < length:                       # make room left of P for the new prompt
-            self._shift(length - self.pos)
-        # the prompt alone through a batch-1 cache, then copied into the rows, ending at P
-        model.setup_cache(1, length, device=self.device)
-        tokens = torch.tensor([request.prompt], dtype=torch.long, device=self.device)
-        logits = model(tokens, start_pos=0, last_only=True)[:, -1]           # [1, V]
+            self.pos = longest
+        elif self.pos < longest:                      # make room left of P for the longest new prompt
+            self._shift(longest - self.pos)
+        tokens = torch.full((len(batch), longest), self.tokenizer.pad_id, dtype=torch.long)
+        for i, (request, _) in enumerate(batch):
+            tokens[i, longest - lengths[i]:] = torch.tensor(request.prompt)
+        pad = torch.tensor([longest - n for n in lengths], device=self.device) if min(lengths) < longest else None
+        model.setup_cache(len(batch), longest, device=self.device)
+        logits = model(tokens.to(self.device), start_pos=0, pad=pad, last_only=True)[:, -1]   # [new, V]
         for (attn, name), big in zip(_cache_slots(model), self.big):
             small = getattr(attn, name)
-            for row in rows:
-                big[row, self.pos - length:self.pos] = small[0, :length]
+            for i, (_, rows) in enumerate(batch):
+                for row in rows:
+                    big[row, self.pos - lengths[i]:self.pos] = small[i, longest - lengths[i]:]
             setattr(attn, name, big)
         model.cache_batch_size, model.cache_len = self.rows, self.cache_len
-        for row, choice in zip(rows, request.choices):
-            choice.row = row
-            self.slots[row] = (request, choice)
-            self.pad[row] = self.pos - length
-            self._accept(request, choice, self._sample(logits, request, choice))
+        entries, logit_rows = [], []
+        for i, (request, rows) in enumerate(batch):
+            for row, choice in zip(rows, request.choices):
+                choice.row = row
+                self.slots[row] = (request, choice)
+                self.pad[row] = self.pos - lengths[i]
+                entries.append((request, choice))
+                logit_rows.append(i)
+        for (request, choice), token in zip(entries, self._sample(logits[logit_rows], entries)):
+            self._accept(request, choice, token)
 
-    def _sample(self, logits: torch.Tensor, request: Request, choice: Choice) -> int:
-        from generate import sample_next
+    def _sample(self, logits: torch.Tensor, entries: list[tuple[Request, Choice]]) -> list[int]:
+        """The next token of each sequence from its logits row [len(entries), V]: greedy rows by argmax, the
+        others drawn from softmax(logits / temperature) (nucleus-filtered when top_p < 1) with the sequence's
+        own generator, so a seeded request draws the same tokens whatever else is in the batch."""
+        from generate import top_p_filter
 
-        logits = logits[..., :self.tokenizer.vocab_size]
-        return int(sample_next(logits, request.params.temperature, request.params.top_p, 0, choice.generator)[0])
+        logits = logits[:, :self.tokenizer.vocab_size].float().cpu()
+        tokens = logits.argmax(dim=-1).tolist()
+        sampled = [i for i, (request, _) in enumerate(entries) if request.params.temperature > 0]
+        if sampled:
+            temperature = torch.tensor([entries[i][0].params.temperature for i in sampled]).unsqueeze(1)
+            scaled = logits[sampled] / temperature
+            for j, i in enumerate(sampled):
+                if entries[i][0].params.top_p < 1.0:
+                    scaled[j:j + 1] = top_p_filter(scaled[j:j + 1], entries[i][0].params.top_p)
+            probs = torch.softmax(scaled, dim=-1)
+            for j, i in enumerate(sampled):
+                tokens[i] = int(torch.multinomial(probs[j], 1, generator=entries[i][1].generator))
+        return tokens
 
     def _step(self) -> None:
         """One decode step for every row up to the last busy one."""
@@ -249,18 +278,17 @@ class Engine:
         self.pos += 1
         self.stats["steps"] += 1
         self.stats["max_batch"] = max(self.stats["max_batch"], int((~idle).sum()))
-        for row in range(batch):
-            entry = self.slots[row]
-            if entry is not None:
-                request, choice = entry
-                self._accept(request, choice, self._sample(logits[row:row + 1], request, choice))
+        rows = [row for row in range(batch) if self.slots[row] is not None]
+        entries = [self.slots[row] for row in rows]
+        for (request, choice), token in zip(entries, self._sample(logits[rows], entries)):
+            self._accept(request, choice, token)
 
     def _accept(self, request: Request, choice: Choice, token: int) -> None:
         """A new token of a sequence: stream its text, or finish the sequence (stop token, stop string, max_tokens
         or the end of the context) and free its row."""
         params = request.params
         reason = None
-        if token in self.stop_ids:
+        if token in self.stop_ids and not params.ignore_eos:
             reason = "stop"
         else:
             choice.ids.append(token)
@@ -342,7 +370,8 @@ def parse_params(body: dict, prompt_len: int, context: int, default_max_tokens: 
         raise RequestError(400, f"'seed' must be an integer, got {seed!r}", "seed")
     return Params(max_tokens=max_tokens, temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
                   top_p=_number(body, "top_p", 1.0, 0.0, 1.0), stop=tuple(stop),
-                  seed=None if seed is None else seed % 2**62, n=_number(body, "n", 1, 1, MAX_N, integer=True))
+                  seed=None if seed is None else seed % 2**62, n=_number(body, "n", 1, 1, MAX_N, integer=True),
+                  ignore_eos=bool(body.get("ignore_eos", False)))
 
 
 # ----------------------------------------------------------------------------------------------------------------

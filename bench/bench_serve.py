@@ -43,9 +43,10 @@ def start_server(args) -> tuple[subprocess.Popen, str]:
     return proc, f"http://127.0.0.1:{match.group(1)}"
 
 
-def one_request(url: str, question: str, seed: int, max_tokens: int, out: dict) -> None:
+def one_request(url: str, question: str, seed: int, max_tokens: int, out: dict, fixed: bool = True) -> None:
     body = {"model": "bench", "messages": [{"role": "user", "content": question}], "stream": True,
-            "temperature": 0.8, "seed": seed, "max_tokens": max_tokens, "stream_options": {"include_usage": True}}
+            "temperature": 0.8, "seed": seed, "max_tokens": max_tokens, "stream_options": {"include_usage": True},
+            "ignore_eos": fixed}
     t0 = time.perf_counter()
     first = None
     with httpx.Client(timeout=600) as http:
@@ -62,11 +63,12 @@ def one_request(url: str, question: str, seed: int, max_tokens: int, out: dict) 
     out["total"] = time.perf_counter() - t0
 
 
-def run_mode(url: str, questions: list[str], max_tokens: int, concurrent: bool, round_index: int) -> dict:
+def run_mode(url: str, questions: list[str], max_tokens: int, concurrent: bool, round_index: int,
+             fixed: bool) -> dict:
     results = [{} for _ in questions]
     t0 = time.perf_counter()
     if concurrent:
-        threads = [threading.Thread(target=one_request, args=(url, q, 1000 * round_index + i, max_tokens, r))
+        threads = [threading.Thread(target=one_request, args=(url, q, 1000 * round_index + i, max_tokens, r, fixed))
                    for i, (q, r) in enumerate(zip(questions, results))]
         for t in threads:
             t.start()
@@ -74,11 +76,39 @@ def run_mode(url: str, questions: list[str], max_tokens: int, concurrent: bool, 
             t.join()
     else:
         for i, (q, r) in enumerate(zip(questions, results)):
-            one_request(url, q, 1000 * round_index + i, max_tokens, r)
+            one_request(url, q, 1000 * round_index + i, max_tokens, r, fixed)
     wall = time.perf_counter() - t0
     tokens = sum(r.get("tokens", 0) for r in results)
     return {"tok_s": tokens / wall, "tokens": tokens, "wall": wall,
             "ttft": statistics.mean(r["ttft"] for r in results)}
+
+
+def report(url: str, questions: list[str], args, fixed: bool, health: dict) -> None:
+    """Interleaved rounds of sequential and concurrent requests for one workload; prints the table."""
+    name = (f"fixed length: every reply is {args.max_tokens} tokens (ignore_eos)" if fixed else
+            f"natural: replies end at end-of-turn (at most {args.max_tokens} tokens)")
+    print(f"\n### workload {name}")
+    ratios, rows = [], []
+    for r in range(args.rounds):
+        batch = questions[r * args.clients:(r + 1) * args.clients]
+        ttft_one = statistics.mean(run_mode(url, batch[:1], args.max_tokens, False, r, fixed)["ttft"]
+                                   for _ in range(2))
+        seq = run_mode(url, batch, args.max_tokens, False, r, fixed)
+        con = run_mode(url, batch, args.max_tokens, True, r, fixed)
+        ratios.append(con["tok_s"] / seq["tok_s"])
+        rows.append((r, seq, con, ttft_one))
+        print(f"round {r}: sequential {seq['tok_s']:.1f} tok/s ({seq['tokens']} tokens) | concurrent "
+              f"{con['tok_s']:.1f} tok/s ({con['tokens']} tokens, ttft {con['ttft'] * 1e3:.0f} ms) | 1-client ttft "
+              f"{ttft_one * 1e3:.0f} ms | ratio {ratios[-1]:.2f}x | load {os.getloadavg()[0]:.1f}")
+    after = httpx.get(url + "/health").json()
+    print(f"\n| mode | aggregate tokens/s (median) | mean time to first token (median) |")
+    print("| --- | --- | --- |")
+    print(f"| {args.clients} requests one after another | {statistics.median(x[1]['tok_s'] for x in rows):.1f} | "
+          f"{statistics.median(x[3] for x in rows) * 1e3:.0f} ms (1 client) |")
+    print(f"| {args.clients} concurrent streaming clients | {statistics.median(x[2]['tok_s'] for x in rows):.1f} | "
+          f"{statistics.median(x[2]['ttft'] for x in rows) * 1e3:.0f} ms ({args.clients} clients) |")
+    print(f"\nconcurrent / sequential throughput: median {statistics.median(ratios):.2f}x over {args.rounds} rounds "
+          f"(goal >= 4x) | largest batch decoded together: {after['max_batch']}")
 
 
 def main() -> None:
@@ -88,6 +118,8 @@ def main() -> None:
     parser.add_argument("--max_tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--workloads", default="fixed,natural",
+                        help="fixed: every reply max_tokens long (ignore_eos); natural: replies end at end-of-turn")
     parser.add_argument("--cpus", default="", help="pin the server to these CPUs (taskset -c), e.g. 0,1")
     args = parser.parse_args()
     import chat_data
@@ -99,26 +131,9 @@ def main() -> None:
         health = httpx.get(url + "/health").json()
         print(f"server {url} on {args.device}{' cpus ' + args.cpus if args.cpus else ''} | {args.clients} clients | "
               f"max_tokens {args.max_tokens} | load {os.getloadavg()}")
-        ratios, ttft_ratio, rows = [], [], []
-        for r in range(args.rounds):
-            batch = questions[r * args.clients:(r + 1) * args.clients]
-            ttft_one = statistics.mean(run_mode(url, batch[:1], args.max_tokens, False, r)["ttft"] for _ in range(2))
-            seq = run_mode(url, batch, args.max_tokens, False, r)
-            con = run_mode(url, batch, args.max_tokens, True, r)
-            ratios.append(con["tok_s"] / seq["tok_s"])
-            rows.append((r, seq, con, ttft_one))
-            print(f"round {r}: sequential {seq['tok_s']:.1f} tok/s ({seq['tokens']} tokens, ttft {seq['ttft'] * 1e3:.0f} "
-                  f"ms) | concurrent {con['tok_s']:.1f} tok/s ({con['tokens']} tokens, ttft {con['ttft'] * 1e3:.0f} ms) "
-                  f"| 1-client ttft {ttft_one * 1e3:.0f} ms | ratio {ratios[-1]:.2f}x | load {os.getloadavg()[0]:.1f}")
-        after = httpx.get(url + "/health").json()
-        print(f"\n| mode | aggregate tokens/s (median) | mean time to first token (median) |")
-        print("| --- | --- | --- |")
-        print(f"| {args.clients} requests one after another | {statistics.median(x[1]['tok_s'] for x in rows):.1f} | "
-              f"{statistics.median(x[3] for x in rows) * 1e3:.0f} ms (1 client) |")
-        print(f"| {args.clients} concurrent streaming clients | {statistics.median(x[2]['tok_s'] for x in rows):.1f} | "
-              f"{statistics.median(x[2]['ttft'] for x in rows) * 1e3:.0f} ms ({args.clients} clients) |")
-        print(f"\nconcurrent / sequential throughput: median {statistics.median(ratios):.2f}x over {args.rounds} rounds "
-              f"(goal >= 4x) | largest batch decoded together: {after['max_batch']} | steps {after['steps'] - health['steps']}")
+        for workload in args.workloads.split(","):
+            fixed = workload == "fixed"
+            report(url, questions, args, fixed, health)
     finally:
         proc.terminate()
         proc.wait(timeout=30)
