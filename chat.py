@@ -175,12 +175,12 @@ class TextStream:
 # Loading a model for chatting (generate.py --chat and serve.py)
 
 
-def load_chat_model(cfg) -> tuple[torch.nn.Module, Any, dict, Path]:
-    """(model in eval mode, tokenizer, checkpoint meta, path) for cfg.save_file_name (a checkpoint folder, step
+def load_chat_model(cfg) -> tuple[torch.nn.Module, Any, dict, str]:
+    """(model in eval mode, tokenizer, checkpoint meta, a description of what was loaded) for cfg.save_file_name (a checkpoint folder, step
     folder or HF folder), on cfg.device in cfg.dtype; the tokenizer is the one the checkpoint records."""
-    import checkpoint
     import tokenizer as tokenizer_mod
-    from generate import model_device_dtype, resolve_device, resolve_dtype
+    from common import DTYPES, resolve_device, resolve_dtype
+    from hf_interop import load_any_model
 
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
@@ -188,12 +188,8 @@ def load_chat_model(cfg) -> tuple[torch.nn.Module, Any, dict, Path]:
     if not path.exists():
         raise UserError(f"no checkpoint at '{path}'; pass --save_file_name (a folder written by train.py or "
                         f"sft.py, or a HF model folder)")
-    step_dir = path if checkpoint.is_hf_model_folder(path) else checkpoint.resolve_checkpoint(path)
-    model, meta = checkpoint.load_model(step_dir, device=device, dtype=None)
-    if model_device_dtype(model)[1] != dtype:
-        model.to(dtype)
-        if hasattr(model, "init_buffers"):
-            model.init_buffers()
+    model, meta = load_any_model(path, device=device, dtype=DTYPES[dtype])
+    step_dir = meta.get("hf_folder") or f"{path} (step {meta.get('step')})"
     model.eval()
     tok = tokenizer_mod.load_recorded_tokenizer(cfg, (meta or {}).get("tokenizer"), f"the checkpoint {step_dir}")
     if tok.vocab_size > model.args.vocab_size:

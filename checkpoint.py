@@ -75,10 +75,9 @@ def _sort_safetensors_header(path: Path) -> None:
     with open(path, "r+b") as f:
         (length,) = struct.unpack("<Q", f.read(8))
         header = json.loads(f.read(length))
-        for value in header.values():  # key order inside each tensor entry is fixed already; sort the maps
-            if isinstance(value, dict) and "dtype" not in value:
-                value.update(dict(sorted(value.items())))
-        text = json.dumps(dict(sorted(header.items())), separators=(",", ":"), ensure_ascii=False).encode()
+        if "__metadata__" in header:  # the tensor entries' own key order is fixed already
+            header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
         if len(text) <= length:
             f.seek(8)
             f.write(text + b" " * (length - len(text)))
@@ -216,14 +215,17 @@ def find_checkpoint(root: Path | str, run_id: str | None = None, deep: bool = Fa
     from scratch)."""
     root = Path(root)
     candidates = [p for p in step_folders(root) if run_id is None or _meta_or_none(p).get("run_id") in (run_id, None)]
+    skipped = []
     for step_dir in reversed(candidates):
         problem = verify_checkpoint(step_dir, deep)
         if problem is None:
+            for damaged, why in skipped:
+                warn(f"skipping the damaged checkpoint '{damaged}': {why}")
             return step_dir
-        warn(f"skipping the damaged checkpoint '{step_dir}': {problem}")
+        skipped.append((step_dir, problem))
     if candidates:
-        raise UserError(f"every checkpoint in '{root}' is damaged (newest: {candidates[-1].name}); move them away "
-                        f"or choose another folder")
+        raise UserError(f"every checkpoint in '{root}' is damaged (newest, {candidates[-1].name}: {skipped[0][1]}); "
+                        f"move them away or choose another folder")
     return None
 
 
@@ -263,26 +265,12 @@ def read_meta(step_dir: Path | str) -> dict[str, Any]:
 # Loading
 
 
-def is_hf_model_folder(path: Path | str) -> bool:
-    config = Path(path) / "config.json"
-    if not config.is_file():
-        return False
-    try:
-        return json.loads(config.read_text()).get("model_type") == "deepseek_v3"
-    except (OSError, json.JSONDecodeError):
-        return False
-
-
 def load_model(path: Path | str, device: str | torch.device = "cpu",
                dtype: torch.dtype | None = None) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Rebuild the model from a checkpoint's stored config and load its weights (memory-mapped on CPU).
     Returns (model in eval mode, meta). HF folders: hf_interop.load_any_model."""
     from model import Transformer
 
-    if is_hf_model_folder(path):  # TODO(genhf): this branch moves into hf_interop.load_any_model
-        from hf_interop import load_hf_model
-
-        return load_hf_model(Path(path), device=device, dtype=dtype)
     step_dir = resolve_checkpoint(path)
     meta = read_meta(step_dir)
     args = ModelArgs.from_dict(meta["model_args"])

@@ -535,6 +535,8 @@ def options_markdown(cls: type) -> str:
         help_text = f.metadata.get("help", "").replace("|", "\\|")
         if f.metadata.get("choices"):
             help_text += " (one of: " + ", ".join(f"`{c}`" for c in f.metadata["choices"]) + ")"
+        if f.metadata.get("bounds"):
+            help_text += " (" + ", ".join(f"{_BOUND_TEXT[k]} {b:g}" for k, b in f.metadata["bounds"].items()) + ")"
         rows.append(f"| `--{f.name}` | {_shown(f.default)} | {help_text} |")
     return "\n".join(rows)
 

@@ -280,7 +280,8 @@ class Gate(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x: [N, D] -> (weights [N, K] in x's dtype, indices [N, K], scores [N, E] (fp32+) without the bias)."""
-        logits = linear(x, self.weight)                                         # [N, E]
+        # a bf16 model may hold an fp32 router (as transformers keeps it): its logits are then computed in fp32
+        logits = linear(x.to(self.weight.dtype), self.weight)                   # [N, E]
         work = torch.promote_types(logits.dtype, torch.float32)                 # route in fp32 at least
         if self.score_func == "softmax":
             scores = logits.softmax(dim=-1, dtype=work)

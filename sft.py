@@ -269,7 +269,7 @@ def load_sft_tokenizer(cfg: SFTConfig):
     if not cfg.init_from or not source.exists():
         raise UserError(f"--init_from '{cfg.init_from}' does not exist; pass the pretrained model (a checkpoint "
                         f"folder written by train.py, or a HF model folder)")
-    if checkpoint.is_hf_model_folder(source):
+    if hf_interop.is_hf_model_folder(source):
         recorded = dict(hf_interop.folder_tokenizer_meta(source) or {})
         recorded.setdefault("path", str((source / "tokenizer.json").resolve()))
         if not cfg.load_mistral_tokenizer and not Path(cfg.tokenizer_path).exists():

@@ -457,7 +457,9 @@ def prepare(cfg: TrainConfig, overrides: dict[str, Any], d: DistInfo, tokenizer:
         if resume_dir is not None:
             stored_meta = checkpoint.read_meta(resume_dir)
         elif cfg.init_from:
-            init_model, stored_meta = checkpoint.load_model(cfg.init_from, device="cpu")
+            from hf_interop import load_any_model  # a HF DeepseekV3 folder or one of our checkpoints
+
+            init_model, stored_meta = load_any_model(cfg.init_from, device="cpu")
             init_state = init_model.state_dict()
         if stored_meta is not None:
             stored = ModelArgs.from_dict(stored_meta["model_args"])
