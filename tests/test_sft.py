@@ -171,3 +171,27 @@ def test_sft_one_line_errors(tmp_path, script):
     result = script("sft.py", "--init_from", str(tmp_path / "nowhere"), "--save_file_name", str(tmp_path / "out"))
     assert result.returncode != 0 and "--init_from" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_sft_under_torchrun_with_two_ranks(tok, tmp_path):
+    """DDP (gloo, 2 ranks): each rank reads its own rows, the run trains, evaluates and saves like one process."""
+    import os
+    import subprocess
+    import sys
+
+    import checkpoint
+
+    save_checkpoint(tmp_path / "base", random_model(tiny_args(tok.vocab_size, max_seq_len=96), seed=6), tok)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    root = Path(__file__).resolve().parent.parent
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             str(root / "sft.py"), "--init_from", str(tmp_path / "base"), "--save_file_name",
+                             str(tmp_path / "ddp"), "--max_conversations", "40", "--seq_len", "96", "--batch_size", "2",
+                             "--total_batch_size", "384", "--steps", "3", "--warm_up", "1", "--eval_rate", "3",
+                             "--eval_steps", "2", "--device", "cpu"],
+                            cwd=root, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert "2 ranks" in result.stdout and "val answer loss" in result.stdout
+    meta = checkpoint.read_meta(checkpoint.resolve_checkpoint(tmp_path / "ddp"))
+    assert meta["step"] == 3 and meta["chat_template"] == tok.chat_template
