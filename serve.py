@@ -130,6 +130,7 @@ class Engine:
         self.wake = threading.Event()
         self.stopping = False
         self.stats = {"requests": 0, "cancelled": 0, "steps": 0, "max_batch": 0}
+        self.prefilling: list[tuple[Request, list[int]]] = []
         self.thread = threading.Thread(target=self._run, name="engine", daemon=True)
 
     def start(self) -> None:
@@ -176,11 +177,13 @@ class Engine:
                     for (attn, name), big in zip(_cache_slots(self.model), self.big):
                         setattr(attn, name, big)
                     self.model.cache_batch_size, self.model.cache_len = self.rows, self.cache_len
-                    for slot in range(self.rows):
-                        if self.slots[slot] is not None:
-                            request, _ = self.slots[slot]
-                            request.emit("error", f"generation failed: {type(error).__name__}: {error}")
-                            self.slots[slot] = None
+                    failed = {id(r): r for r, _ in self.prefilling}
+                    failed.update({id(s[0]): s[0] for s in self.slots if s is not None})
+                    for request in failed.values():
+                        request.emit("error", f"generation failed: {type(error).__name__}: {error}")
+                    self.slots = [None] * self.rows
+                finally:
+                    self.prefilling = []
 
     def _drop_cancelled(self) -> None:
         for slot, entry in enumerate(self.slots):
@@ -199,6 +202,7 @@ class Engine:
                 batch.append((request, free[:request.params.n]))
                 free = free[request.params.n:]
         if batch:
+            self.prefilling = batch  # owned by the engine until their rows are assigned (errors reach them too)
             self._prefill(batch)
 
     def _shift(self, delta: int) -> None:

@@ -228,3 +228,37 @@ def test_chat_page_streams_a_reply_in_headless_chromium(server, tmp_path):
         finally:
             browser.close()
     assert (tmp_path / "chat_page.png").stat().st_size > 1000
+
+
+def test_a_failing_step_fails_its_requests_and_the_engine_recovers(setup, monkeypatch):
+    _, tok, model = setup
+    events: list = []
+
+    class Captured(serve.Request):
+        def emit(self, *event):
+            events.append(event)
+
+    engine = serve.Engine(model, tok, [tok.eos_id], 2)
+    engine.start()
+    try:
+        def broken(*args, **kwargs):
+            raise RuntimeError("boom")
+
+        monkeypatch.setattr(model, "forward", broken)
+        engine.submit(Captured([tok.bos_id, 40, 41], serve.Params(max_tokens=4), None))
+        for _ in range(400):
+            if events:
+                break
+            time.sleep(0.01)
+        assert events and events[0][0] == "error" and "boom" in events[0][1]
+        monkeypatch.undo()
+        events.clear()
+        request = Captured([tok.bos_id, 40, 41], serve.Params(max_tokens=4, temperature=0.0), None)
+        engine.submit(request)
+        for _ in range(1000):
+            if request.finished and events and events[-1][0] == "done":
+                break
+            time.sleep(0.01)
+        assert events[-1] == ("done", {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7})
+    finally:
+        engine.stop()
