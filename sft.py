@@ -89,12 +89,15 @@ def read_conversations(cfg: SFTConfig, split: str) -> list[list[dict[str, str]]]
 # Encoding: ids with loss targets, packed into rows
 
 
-def encode_conversations(fmt, conversations: Sequence[list[dict[str, str]]], seq_len: int, overlong: str
-                         ) -> tuple[list[tuple[list[int], list[int]]], dict[str, int]]:
+def encode_conversations(fmt, conversations: Sequence[list[dict[str, str]]], seq_len: int, overlong: str,
+                         show: bool = False) -> tuple[list[tuple[list[int], list[int]]], dict[str, int]]:
     """[(ids, mask)] of the usable conversations (at most seq_len + 1 tokens each) and counts of what was
-    truncated, dropped as too long, or skipped (malformed, or no assistant turn)."""
+    truncated, dropped as too long, or skipped (malformed, or no assistant turn). show: a progress bar."""
+    from tqdm import tqdm
+
     out, counts = [], {"conversations": len(conversations), "truncated": 0, "dropped_overlong": 0, "skipped": 0}
-    for messages in conversations:
+    for messages in tqdm(conversations, desc="encoding conversations", unit="conv", disable=not show,
+                         leave=False, dynamic_ncols=True):
         try:
             ids, mask = fmt.encode(messages)
         except ValueError:
@@ -221,8 +224,9 @@ class SFTTask:
         cfg, d = run.cfg, run.dist
         fmt = chat.ChatFormat(run.tokenizer)
         run.meta["chat_template"] = fmt.template          # every checkpoint records the template it trained
+        show = d.is_main and not cfg.quiet
         train_examples, counts = encode_conversations(fmt, read_conversations(cfg, "train"), run.seq_len,
-                                                      cfg.overlong)
+                                                      cfg.overlong, show)
         if not train_examples:
             raise UserError(f"no usable conversation in '{cfg.dataset_path_huggingface}' ({counts}); each needs an "
                             f"assistant reply within --seq_len {run.seq_len}")
