@@ -116,7 +116,7 @@ def report(url: str, questions: list[str], args, fixed: bool, health: dict) -> N
               f"{ttft_one * 1e3:.0f} ms | ratio {ratios[-1]:.2f}x | tokens per server CPU second {seq['tok_cpu_s']:.0f} "
               f"-> {con['tok_cpu_s']:.0f} ({cpu_ratios[-1]:.2f}x) | load {os.getloadavg()[0]:.1f}")
     after = httpx.get(url + "/health").json()
-    print(f"\n| mode | aggregate tokens/s (median) | tokens per server CPU second | mean time to first token |")
+    print("\n| mode | aggregate tokens/s (median) | tokens per server CPU second | mean time to first token |")
     print("| --- | --- | --- | --- |")
     print(f"| {args.clients} requests one after another | {statistics.median(x[1]['tok_s'] for x in rows):.1f} | "
           f"{statistics.median(x[1]['tok_cpu_s'] for x in rows):.0f} | "

@@ -84,7 +84,7 @@ def main() -> None:
                                eos_id=fmt.stop_ids[0], pad_id=tok.pad_id, vocab_size=tok.vocab_size)[0]
                 print(f"  Q: {messages[0]['content']}\n  A: {tok.decode(ids)!r}\n  reference: "
                       f"{messages[1]['content'][:150]!r}")
-    print(f"\n| model | held-out answer NLL (nats/token) | greedy replies ending with end-of-turn | mean reply tokens |")
+    print("\n| model | held-out answer NLL (nats/token) | greedy replies ending with end-of-turn | mean reply tokens |")
     print("| --- | --- | --- | --- |")
     for name, r in results.items():
         print(f"| {name} ({args.base if name == 'base' else args.sft}) | {r['nll']:.3f} ({r['nll_tokens']} tokens) | "

@@ -3,7 +3,6 @@ non-streaming, n, seed, stop, errors), concurrent requests batched with the same
 in-process, a disconnecting client freeing its row, and the chat page driven by headless Chromium (Playwright)."""
 from __future__ import annotations
 
-import json
 import os
 import re
 import subprocess
