@@ -146,20 +146,9 @@ def save_checkpoint(root: Path | str, step: int, model: torch.nn.Module | dict[s
 
 
 def list_checkpoints(root: Path | str, run_id: str | None = None) -> list[Path]:
-    """Step folders under root that have a meta.json (of run `run_id` when given), oldest first. Their files are
-    not checked here: see verify_checkpoint."""
-    root = Path(root)
-    if not root.is_dir():
-        return []
-    found = []
-    for p in root.iterdir():
-        m = _STEP_DIR.match(p.name)
-        if not (m and p.is_dir()):
-            continue
-        if run_id is not None and _meta_or_none(p).get("run_id") != run_id:
-            continue
-        found.append((int(m.group(1)), p))
-    return [p for _, p in sorted(found)]
+    """Step folders under root (of run `run_id` when given), oldest first. Their files are not checked here: see
+    verify_checkpoint."""
+    return [p for p in step_folders(root) if run_id is None or _meta_or_none(p).get("run_id") == run_id]
 
 
 def step_folders(root: Path | str) -> list[Path]:

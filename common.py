@@ -145,6 +145,39 @@ def atomic_folder(final: Path | str, flag: str = "") -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def check_destination(final: Path | str, flag: str) -> None:
+    """Before any long work: the folder `final` that atomic_folder will write is not a file, and the nearest
+    existing folder above it is writable. Creates nothing; a problem is a one-line UserError naming `flag`."""
+    final = Path(final)
+    if final.exists() and not final.is_dir():
+        raise UserError(f"{flag} '{final}' is a file, not a folder; choose another path")
+    parent = final.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write to '{parent}' (where {flag} '{final}' would go); choose a writable {flag}")
+
+
+def remove_stale_temporaries(final: Path | str) -> None:
+    """Clean up after an atomic_folder(final) whose process was killed: remove its partial `.tmp_*` folder and,
+    should it have died between its two renames (final moved aside, the new one not yet in place), move the old
+    folder back. Folders of live processes are left alone."""
+    import re
+
+    final = Path(final)
+    if not final.parent.is_dir():
+        return
+    pattern = re.compile(rf"{re.escape(TMP_PREFIX)}(old_)?{re.escape(final.name)}_(\d+)")
+    for path in sorted(final.parent.iterdir()):
+        match = pattern.fullmatch(path.name)
+        if match is None or pid_alive(int(match.group(2))):
+            continue
+        if match.group(1) and not final.exists():
+            os.replace(path, final)
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+
+
 def pid_alive(pid: int) -> bool:
     """Whether a process with this id runs on this machine (used to tell a live writer's temporary files from a
     dead one's)."""

@@ -158,7 +158,7 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
     "small-moe": dict(dim=256, inter_dim=1024, moe_inter_dim=256, n_layers=4, n_dense_layers=1, n_heads=8,
                       max_seq_len=256, kv_lora_rank=32, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
                       n_routed_experts=8, n_shared_experts=1, n_activated_experts=2, **SMALL_MOE_ROUTING),
-    # 27M parameters without the embedding (36M with a 32k vocabulary): more experts, a bit deeper
+    # 27M parameters without the embedding (35M with a 32k vocabulary): more experts, a bit deeper
     "moe-30m": dict(dim=256, inter_dim=1024, moe_inter_dim=256, n_layers=6, n_dense_layers=1, n_heads=8,
                     max_seq_len=512, kv_lora_rank=32, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
                     n_routed_experts=16, n_shared_experts=1, n_activated_experts=2, **SMALL_MOE_ROUTING),
@@ -224,6 +224,8 @@ class TrainTokenizerConfig(DatasetOptions):
     tokenizer_train_shard_size: int = opt(10_000_000, "characters of text to train on (streamed up to this many)", ge=1)
     min_frequency: int = opt(2, "minimum pair frequency for a merge", ge=1)
     output_path: str = opt("tokenizer", "folder to write tokenizer.json and its metadata into")
+    overwrite: bool = opt(False, "replace the tokenizer already in --output_path (datasets and checkpoints made "
+                                 "with it will no longer match it)")
 
 
 @dataclass
@@ -232,10 +234,15 @@ class TokenizeDataConfig(DatasetOptions, TokenizerOptions):
 
     data_file_name: str = opt("data", "output folder for the .npy token shards")
     encoded_dataset_shard_size: int = opt(10_000_000, "tokens per shard", ge=1, le=2**31)
-    val_tokens: int = opt(0, "tokens held out for validation; 0 means the first shard is the validation split", ge=0)
+    val_tokens: int = opt(0, "tokens held out for validation, whole documents chosen by a seeded hash of their "
+                             "position (spread over the whole source); 0 means --val_fraction of the data, at most "
+                             "one shard", ge=0)
+    val_fraction: float = opt(0.1, "share of the tokens held out for validation when --val_tokens is 0 (capped at "
+                                   "--encoded_dataset_shard_size tokens)", gt=0, le=0.5)
+    val_seed: int = opt(0, "seed of the validation document selection", ge=0, le=2**63 - 1)
     max_tokens: int = opt(0, "stop after this many tokens (0 = no limit)", ge=0)
     max_documents: int = opt(0, "stop after this many documents (0 = no limit)", ge=0)
-    num_workers: int = opt(0, "encoding threads (Rust); 0 means one per CPU core", ge=0)
+    num_workers: int = opt(0, "encoding threads (Rust); 0 means one per CPU core this process may use", ge=0)
     overwrite: bool = opt(False, "replace the shards already in --data_file_name")
     encoder: str = opt("auto", "encoding engine: the tokenizer's own Rust encode_batch ('tokenizers'), or tiktoken "
                                "for Mistral's tekken vocabulary (same ids, checked on the first documents, several "

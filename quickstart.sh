@@ -8,7 +8,7 @@ PY="${PYTHON:-python3}"
 TOK=(--tokenizer_path "$OUT/tokenizer")
 
 echo "== 1/6 train a 4096-token byte-level BPE on the built-in corpus"
-$PY train_tokenizer.py --dataset_path_huggingface builtin --vocab_size 4096 \
+$PY train_tokenizer.py --dataset_path_huggingface builtin --vocab_size 4096 --overwrite \
     --tokenizer_train_shard_size 3000000 --output_path "$OUT/tokenizer"
 
 echo "== 2/6 tokenize the corpus into .npy shards"
@@ -25,7 +25,8 @@ $PY generate.py "${TOK[@]}" --save_file_name "$OUT/checkpoints" --input_text "Th
     --num_tokens_to_generate 80 --temperature 0.8 --top_p 0.95
 
 echo "== 5/6 supervised fine-tuning on the built-in instruction set (questions about Python, answered by its docs)"
-$PY sft.py --init_from "$OUT/checkpoints" --save_file_name "$OUT/sft_checkpoints" --resume=False --steps 150 \
+$PY sft.py --init_from "$OUT/checkpoints" --save_file_name "$OUT/sft_checkpoints" --resume=False --overwrite \
+    --steps 150 \
     --seq_len 256 --batch_size 16 --total_batch_size 4096 --lr 1e-3 --min_lr 1e-4 --warm_up 10 --eval_rate 50 \
     --eval_steps 4 --save_rate 150 --log_every 25
 

@@ -584,6 +584,18 @@ def to_device(batch: Any, device: torch.device) -> Any:
     return batch
 
 
+def batch_rows(batch: Any) -> int:
+    """The number of examples in a batch: the leading size of its first tensor."""
+    if isinstance(batch, torch.Tensor):
+        return batch.size(0)
+    items = batch.values() if isinstance(batch, dict) else batch if isinstance(batch, (list, tuple)) else []
+    for item in items:
+        rows = batch_rows(item)
+        if rows:
+            return rows
+    return 1 if not items else 0
+
+
 def mean_over_ranks(sums: dict[str, torch.Tensor], count: float, d: DistInfo) -> dict[str, float]:
     """{name: sum over this rank's items} -> {name: mean over every rank's items}, in one collective."""
     names = sorted(sums)
@@ -647,9 +659,10 @@ def evaluate_loss(run: Run, batches: Iterable[Any], loss_fn: Any, total: int | N
         batch = to_device(batch, run.dist.device)
         with autocast_context(run.dtype, run.dist.device):
             loss, metrics = loss_fn(model, batch)
+        rows = batch_rows(batch)  # a short last batch counts by its rows
         for name, value in {"loss": loss, **metrics}.items():
-            sums[name] = sums.get(name, 0) + value.double()
-        count += 1
+            sums[name] = sums.get(name, 0) + value.double() * rows
+        count += rows
     model.train(was_training)
     if not sums:
         sums = {"loss": torch.zeros((), dtype=torch.float64, device=run.dist.device)}
@@ -836,9 +849,17 @@ class PretrainTask:
     def evaluate(self, run: Run) -> dict[str, float]:
         if self.val_loader is None:
             return {}
+        from data_loader import bits_per_byte, bytes_per_token
+
+        # ranks split one fixed set of eval_steps x batch_size windows: the figure does not depend on world size
         steps = run.cfg.eval_steps
-        results = evaluate_loss(run, self.val_loader.eval_batches(steps), self.loss, total=steps)
-        return {"val_loss": results["loss"]}
+        results = evaluate_loss(run, self.val_loader.eval_batches(steps), self.loss,
+                                total=math.ceil(steps / run.dist.world_size))
+        out = {"val_loss": results["loss"]}
+        ratio = bytes_per_token(run.cfg.data_file_name, "val")
+        if ratio:
+            out["val_bpb"] = bits_per_byte(results["loss"], ratio)
+        return out
 
 
 def load_pretrain_tokenizer(cfg: TrainConfig) -> Any:
