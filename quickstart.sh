@@ -26,9 +26,8 @@ $PY generate.py "${TOK[@]}" --save_file_name "$OUT/checkpoints" --input_text "Th
 
 echo "== 5/6 supervised fine-tuning on the built-in instruction set (questions about Python, answered by its docs)"
 $PY sft.py --init_from "$OUT/checkpoints" --save_file_name "$OUT/sft_checkpoints" --resume=False --overwrite \
-    --steps 150 \
-    --seq_len 256 --batch_size 16 --total_batch_size 4096 --lr 1e-3 --min_lr 1e-4 --warm_up 10 --eval_rate 50 \
-    --eval_steps 4 --save_rate 150 --log_every 25
+    --steps 150 --seq_len 256 --batch_size 16 --total_batch_size 4096 --lr 1e-3 --min_lr 1e-4 --warm_up 10 \
+    --eval_rate 50 --eval_steps 4 --save_rate 150 --log_every 25
 
 echo "== 6/6 chat (held-out question; interactive: python generate.py --chat --save_file_name $OUT/sft_checkpoints)"
 printf '%s\n' 'What is `base64.encode` for?' | $PY generate.py --chat --save_file_name "$OUT/sft_checkpoints" \
