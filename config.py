@@ -297,6 +297,33 @@ class TrainConfig(TokenizerOptions):
 
 
 @dataclass
+class SFTConfig(TrainConfig):
+    """Options of sft.py: train.py's options (the same loop) plus where the conversations come from and how
+    they are cut into rows; the defaults differ where fine-tuning differs from pretraining."""
+
+    init_from: str = opt("checkpoints", "the pretrained model: a checkpoint folder or a HF DeepseekV3 model folder")
+    save_file_name: str = opt("sft_checkpoints", "checkpoint folder (training resumes from its latest checkpoint)")
+    dataset_path_huggingface: str = opt("builtin", "conversations: a HF hub dataset id, a local .jsonl/.parquet "
+                                                   "file or folder, or 'builtin' (chat_data.py, no download)")
+    dataset_sub_set: str = opt("", "HF dataset configuration (subset) name")
+    dataset_split: str = opt("train", "dataset split to read")
+    trust_remote_code: bool = opt(False, "allow the HF dataset's own loading script to run")
+    messages_column: str = opt("messages", "column holding a conversation as a list of {role, content}")
+    prompt_column: str = opt("prompt", "without a messages column: the column of the user's message")
+    response_column: str = opt("response", "without a messages column: the column of the assistant's reply")
+    max_conversations: int = opt(0, "read at most this many conversations per split (0 = all)", ge=0)
+    pack: bool = opt(True, "pack whole conversations into each row (otherwise one conversation per padded row)")
+    overlong: str = opt("truncate", "a conversation longer than a row: truncate it, or drop it",
+                        choices=("truncate", "drop"))
+    steps: int = opt(300, "optimizer steps", ge=1)
+    total_batch_size: int = opt(4096, "tokens per optimizer step, across all ranks and micro-steps", ge=1)
+    lr: float = opt(3e-4, "peak learning rate", gt=0)
+    min_lr: float = opt(3e-5, "learning rate at the end of the cosine decay", ge=0)
+    warm_up: int = opt(20, "linear warm-up steps", ge=0)
+    eval_rate: int = opt(100, "evaluate the held-out answer loss every this many steps (0 = never)", ge=0)
+
+
+@dataclass
 class GenerateConfig(TokenizerOptions):
     """Options of generate.py."""
 
@@ -318,6 +345,27 @@ class GenerateConfig(TokenizerOptions):
     compile_model: bool = opt(False, "torch.compile the decode step (for GPUs: on CPU the eager decode path is "
                                      "faster, see bench/bench_generate.py --compile)")
     stream: bool = opt(True, "print tokens as they are produced (single sequence only)")
+    chat: bool = opt(False, "talk to the model in the terminal with the chat template (chat.py): multi-turn, "
+                            "/reset and /exit")
+    system_prompt: str = opt("", "with --chat: a system message that starts every conversation")
+
+
+@dataclass
+class ServeConfig(TokenizerOptions):
+    """Options of serve.py (an OpenAI-compatible HTTP server and chat page for a checkpoint)."""
+
+    save_file_name: str = opt("checkpoints", "checkpoint folder (its latest checkpoint), a checkpoint, or a HF "
+                                             "DeepseekV3 model folder")
+    host: str = opt("127.0.0.1", "address to listen on; anything but localhost needs --allow_remote")
+    port: int = opt(8000, "TCP port (0 picks a free one)", ge=0, le=65535)
+    allow_remote: bool = opt(False, "allow --host to be an address other machines can reach (no authentication!)")
+    model_name: str = opt("", "the model id clients pass; empty means the checkpoint folder's name")
+    max_batch_size: int = opt(8, "sequences decoded together (continuous batching); more requests wait", ge=1)
+    max_tokens: int = opt(256, "default max_tokens of a request that gives none", ge=1)
+    system_prompt: str = opt("", "a system message put before chat requests that have none")
+    seed: int = opt(1337, "seed for requests that give none", ge=0, le=2**63 - 1)
+    dtype: str = opt("auto", "compute dtype", choices=("auto", "fp32", "bf16", "fp16"))
+    device: str = opt("auto", "cpu, cuda, or auto")
 
 
 @dataclass
@@ -542,9 +590,9 @@ def presets_markdown() -> str:
 def readme_blocks() -> dict[str, str]:
     """Every generated README block by name."""
     blocks = {"train_tokenizer.py": TrainTokenizerConfig, "tokenize_data.py": TokenizeDataConfig,
-              "train.py": TrainConfig, "model": ModelArgs, "generate.py": GenerateConfig,
-              "hf_interop.py": ExportConfig, "data_loader.py": CheckDataConfig, "tokenizer.py": InspectTokenizerConfig,
-              "parallel.py": ParallelConfig}
+              "train.py": TrainConfig, "sft.py": SFTConfig, "model": ModelArgs, "generate.py": GenerateConfig,
+              "serve.py": ServeConfig, "hf_interop.py": ExportConfig, "data_loader.py": CheckDataConfig,
+              "tokenizer.py": InspectTokenizerConfig, "parallel.py": ParallelConfig}
     out = {name: options_markdown(cls) for name, cls in blocks.items()}
     out["presets"] = presets_markdown()
     return out

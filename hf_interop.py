@@ -499,6 +499,8 @@ def save_hf_tokenizer(tokenizer: Any, folder: Path, max_seq_len: int) -> None:
                               "vocab_size": tokenizer.vocab_size,
                               "file_sha256": _file_sha256(folder / "tokenizer.json")},
     }
+    if getattr(tokenizer, "chat_template", None):  # chat.py's template as Jinja, for apply_chat_template
+        tokenizer_config["chat_template"] = tokenizer.chat_template
     (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
     (folder / "special_tokens_map.json").write_text(
         json.dumps({"bos_token": bos, "eos_token": eos, "pad_token": pad}, indent=2) + "\n")
