@@ -219,7 +219,9 @@ class TokenizerOptions(Options):
 class TrainTokenizerConfig(DatasetOptions):
     """Options of train_tokenizer.py."""
 
-    vocab_size: int = opt(32768, "vocabulary size of the trained tokenizer, special tokens included", ge=256,
+    # the lower bound (256 byte tokens + the reserved special tokens) is checked by train_tokenizer.py, which knows
+    # the special tokens
+    vocab_size: int = opt(32768, "vocabulary size of the trained tokenizer, special tokens included", ge=1,
                           le=2**24)
     tokenizer_train_shard_size: int = opt(10_000_000, "characters of text to train on (streamed up to this many)", ge=1)
     min_frequency: int = opt(2, "minimum pair frequency for a merge", ge=1)
