@@ -16,6 +16,7 @@ import sysconfig
 from pathlib import Path
 from typing import Iterator
 
+from common import first_line
 from config import DatasetOptions, UserError
 
 BUILTIN_NAME = "builtin"
@@ -89,7 +90,6 @@ def _load_hub(opts: DatasetOptions):
 
 
 def _hub_error(opts: DatasetOptions, error: Exception) -> UserError:
-    from common import first_line  # here: common imports torch, which reading text never needs
 
     return UserError(f"could not read dataset '{opts.dataset_path_huggingface}' from the Hugging Face hub "
                      f"({type(error).__name__}: {first_line(error)}); check the id, --dataset_sub_set and your "
@@ -154,7 +154,6 @@ def iter_documents(opts: DatasetOptions, skipped: dict[str, int] | None = None) 
         raise
     except Exception as error:  # datasets/hub raise many types; any failure to read is reported in one line
         if is_local:
-            from common import first_line  # here: common imports torch, which reading text never needs
 
             raise UserError(f"could not read '{source}' ({type(error).__name__}: {first_line(error)})") from error
         raise _hub_error(opts, error) from error

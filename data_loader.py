@@ -39,6 +39,7 @@ import numpy as np
 if TYPE_CHECKING:
     import torch
 
+from common import first_line
 from config import CheckDataConfig, UserError, parse_config, run_main
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -113,7 +114,6 @@ def open_shard(data_dir: Path, shard: dict[str, Any], dtype: str) -> np.ndarray:
     try:
         array = np.load(path, mmap_mode="r", allow_pickle=False)
     except Exception as error:  # a bad header or a truncated file raise several types
-        from common import first_line  # here: common imports torch, which checking a folder never needs
 
         raise UserError(f"shard '{path}' is truncated or corrupted ({type(error).__name__}: "
                         f"{first_line(error, 120)}); {hint}") from error

@@ -48,6 +48,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
+from common import atomic_folder, atomic_write, check_destination, recover_atomic_folder
 from config import TokenizeDataConfig, UserError, parse_config, remove_new_folder_on_failure, run_main
 from data_loader import FORMAT_VERSION, METADATA_FILE, doc_index_file, is_format_file, shard_file, token_dtype
 
@@ -247,7 +248,6 @@ def encoded_chunks(documents: Iterable[str], encode: Encoder, prefix: Sequence[i
 
 
 def _atomic_write(path: Path, data: Any) -> None:
-    from common import atomic_write  # here: common imports torch (seconds), which tokenizing never needs
 
     atomic_write(path, data, "--data_file_name")
 
@@ -486,7 +486,6 @@ def tokenize_documents(documents: Iterable[str], tokenizer, out_dir: str | os.Pa
 
 def check_output(out_dir: Path, overwrite: bool) -> None:
     """Refuse an output that cannot be (re)placed, before any work; creates and deletes nothing."""
-    from common import check_destination
 
     check_destination(out_dir, "--data_file_name")
     existing = sorted(p.name for p in out_dir.iterdir()) if out_dir.is_dir() else []
@@ -516,7 +515,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     os.environ["RAYON_NUM_THREADS"] = str(workers)
     os.environ["TOKENIZERS_PARALLELISM"] = "true" if workers > 1 else "false"
 
-    from common import recover_atomic_folder
 
     out_dir = Path(cfg.data_file_name).expanduser()
     check_output(out_dir, cfg.overwrite)
@@ -526,7 +524,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 def _tokenize(cfg: TokenizeDataConfig, out_dir: Path, workers: int) -> dict[str, Any]:
     import corpus
-    from common import atomic_folder
     from tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(cfg)

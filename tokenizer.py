@@ -28,6 +28,7 @@ import tokenizers
 from tokenizers import AddedToken, Regex, decoders, pre_tokenizers
 from tokenizers.models import BPE
 
+from common import first_line
 from config import InspectTokenizerConfig, TokenizerOptions, UserError, parse_config, run_main
 
 PROJECT_DIR = Path(__file__).resolve().parent
@@ -241,17 +242,13 @@ def _resolve(path: str | Path) -> Path:
     return path
 
 
-def _first_line(error: BaseException) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
-
-
 def _read_json(path: Path, what: str) -> tuple[str, Any]:
     """(text, parsed JSON) of a file; unreadable or non-JSON files are a one-line UserError."""
     try:
         text = path.read_text(encoding="utf-8")
         return text, json.loads(text)
     except (OSError, UnicodeDecodeError, ValueError) as error:
-        raise UserError(f"cannot read {what} '{path}' ({type(error).__name__}: {_first_line(error)}); "
+        raise UserError(f"cannot read {what} '{path}' ({type(error).__name__}: {first_line(error, 160)}); "
                         f"it must be a readable JSON file") from None
 
 
@@ -262,7 +259,7 @@ def _backend_from_json(text: str, data: Any, path: Path, what: str) -> tuple[tok
     try:
         backend = tokenizers.Tokenizer.from_str(text)
     except Exception as error:  # the Rust side raises a plain Exception with a serde message
-        raise UserError(f"'{path}' is not a valid tokenizer.json ({_first_line(error)}); expected {what}") from None
+        raise UserError(f"'{path}' is not a valid tokenizer.json ({first_line(error, 160)}); expected {what}") from None
     try:
         added = {t["content"]: int(t["id"]) for t in data.get("added_tokens") or []}
         fingerprint = fingerprint_of(data["model"].get("vocab") or {}, data["model"].get("merges") or [], added)

@@ -29,6 +29,7 @@ from tokenizers.trainers import BpeTrainer
 from tqdm import tqdm
 
 import corpus
+from common import atomic_folder, atomic_write, check_destination, recover_atomic_folder
 from config import TrainTokenizerConfig, UserError, parse_config, remove_new_folder_on_failure, run_main
 from tokenizer import (BOS_TOKEN, EOS_TOKEN, METADATA_FILE, PAD_TOKEN, TOKENIZER_FILE, TRAINED_SPECIAL_TOKENS,
                        compute_fingerprint)
@@ -117,7 +118,6 @@ def metadata(tok: tokenizers.Tokenizer, cfg: TrainTokenizerConfig, chars: int) -
 
 def check_output(out: Path, overwrite: bool) -> None:
     """Refuse an output folder that cannot be (re)placed, before training; creates and deletes nothing."""
-    from common import check_destination
 
     check_destination(out, "--output_path")
     existing = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
@@ -132,7 +132,6 @@ def check_output(out: Path, overwrite: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from common import atomic_folder, atomic_write, recover_atomic_folder
 
     cfg = parse_config(TrainTokenizerConfig, argv, description=__doc__.split("\n\n")[0])
     out = Path(cfg.output_path).expanduser()
