@@ -409,12 +409,18 @@ def run_lock(root: Path | str) -> Iterator[None]:
 
 
 def remove_stale_temporaries(root: Path | str) -> list[Path]:
-    """Remove the temporary folders that killed saves left behind (call with the run lock held: no live process
-    writes into the folder then)."""
+    """Clean up what killed saves left in a run folder (call with the run lock held: no live process writes into
+    the folder then): a step folder moved aside by a save that died before its replacement landed is put back,
+    every other temporary folder is removed."""
     removed = []
     root = Path(root)
-    for p in root.iterdir() if root.is_dir() else []:
-        if p.name.startswith(TMP_PREFIX):
-            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-            removed.append(p)
+    for p in sorted(root.iterdir()) if root.is_dir() else []:
+        if not p.name.startswith(TMP_PREFIX):
+            continue
+        m = re.fullmatch(rf"{re.escape(TMP_PREFIX)}old_(step_\d+)_\d+", p.name)
+        if m and not (root / m.group(1)).exists():
+            os.replace(p, root / m.group(1))
+            continue
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        removed.append(p)
     return removed

@@ -183,9 +183,12 @@ def test_stale_temporaries_are_removed(tmp_path: Path) -> None:
     (tmp_path / ".tmp_step_000004_99999").mkdir()
     (tmp_path / ".tmp_step_000004_99999" / "model.safetensors").write_bytes(b"x" * 100)
     (tmp_path / "step_000001").mkdir()
+    (tmp_path / ".tmp_old_step_000003_99999").mkdir()  # a re-save of step 3 killed between its two renames
+    (tmp_path / ".tmp_old_step_000003_99999" / "meta.json").write_text("{}")
     removed = checkpoint.remove_stale_temporaries(tmp_path)
     assert [p.name for p in removed] == [".tmp_step_000004_99999"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_000001"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_000001", "step_000003"]
+    assert (tmp_path / "step_000003" / "meta.json").read_text() == "{}"
 
 
 def test_run_lock_names_the_holder(tmp_path: Path) -> None:
