@@ -137,10 +137,9 @@ class ModelArgs(Options):
 
 
 # Named presets: a preset is a set of ModelArgs overrides; any field can still be overridden by its own flag.
-# DeepSeek-V3's sigmoid router (so the models export to HF's DeepseekV3). Its bias step of 0.001 balances over
-# DeepSeek's very long runs; in a run of a few hundred steps the router collapses onto top-k experts (load max/mean
-# ~3.9 of a possible 4 for 2-of-8, from step 10 to the end of a 150-step tiny run) before the bias catches up, while
-# 0.01 brings it back to ~1.2 by step 70 with the same validation loss.
+# DeepSeek-V3's sigmoid router (so the models export to HF's DeepseekV3), with a bias step ten times DeepSeek's:
+# 0.001 balances over very long runs, but in a run of a few hundred steps the router collapses onto its top-k
+# experts before the bias catches up (measurements in the README's MoE bullet).
 SMALL_MOE_ROUTING: dict[str, Any] = dict(score_func="sigmoid", bias_update_speed=0.01)
 
 # From small-moe up, the latent cache (kv_lora_rank + qk_rope_head_dim numbers per token and layer) is 3/32 of the
