@@ -8,6 +8,8 @@
             model.safetensors   weights of the raw module (never the compiled, DDP or FSDP wrapper)
             optimizer.pt        optimizer state: tensors and plain containers only (loaded with weights_only=True)
             train_state.pt      data-loader positions, RNG states (as tensors), step: likewise
+            dcp/                instead of model.safetensors and optimizer.pt under --parallel fsdp: both as DCP
+                                shards, one file per rank (parallel.py)
             tokenizer.json      a copy of the tokenizer file, so a moved run folder still finds its tokenizer
             meta.json           model_args, tokenizer {kind, fingerprint, vocab_size, file}, train_config, step,
                                 run_id, and the size and sha256 of every other file (checked before use)
@@ -40,6 +42,7 @@ WEIGHTS_FILE = "model.safetensors"
 META_FILE = "meta.json"
 OPTIMIZER_FILE = "optimizer.pt"
 TRAIN_STATE_FILE = "train_state.pt"
+DCP_DIR = "dcp"
 RUN_FILE = "run.json"
 LOCK_FILE = ".lock"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -90,8 +93,13 @@ def save_weights(path: Path, state_dict: dict[str, torch.Tensor]) -> None:
 
 
 def load_weights(path: Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    """Load a safetensors file (memory-mapped on CPU), restoring tied-weight aliases."""
+    """Load a safetensors file (memory-mapped on CPU), restoring tied-weight aliases. For a sharded (FSDP)
+    checkpoint's missing model.safetensors, the full weights are read from its DCP shards instead (on CPU)."""
     from safetensors import safe_open
+
+    path = Path(path)
+    if path.name == WEIGHTS_FILE and not path.exists() and is_sharded(path.parent):
+        return load_sharded_weights(path.parent)
 
     state_dict = load_file(str(path), device=str(device))
     with safe_open(str(path), framework="pt") as f:
@@ -99,6 +107,37 @@ def load_weights(path: Path, device: str | torch.device = "cpu") -> dict[str, to
     for name, target in aliases.items():
         state_dict[name] = state_dict[target]
     return state_dict
+
+
+def is_sharded(step_dir: Path | str) -> bool:
+    """A step folder written by train.py --parallel fsdp: model and optimizer state as DCP shards in dcp/ (see
+    parallel.py); DCP writes its .metadata last."""
+    return (Path(step_dir) / DCP_DIR / ".metadata").is_file()
+
+
+def load_sharded_weights(step_dir: Path | str) -> dict[str, torch.Tensor]:
+    """The full model state dict of a sharded checkpoint, read in this process without a process group, on CPU.
+    Only DCP's own reader touches the files (no pickle is loaded)."""
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+    from model import Transformer
+
+    args = ModelArgs.from_dict(read_meta(step_dir)["model_args"])
+    with torch.device("meta"):
+        model = Transformer(args)
+    state = {name: torch.empty_like(t, device="cpu") for name, t in model.state_dict().items()}
+    if args.tie_embeddings:
+        state["head.weight"] = state["embed.weight"]
+    try:
+        with warnings.catch_warnings():  # DCP warns on every load without a process group, even with no_dist
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load({"model": state}, storage_reader=dcp.FileSystemReader(str(Path(step_dir) / DCP_DIR)),
+                     no_dist=True)
+    except Exception as e:  # DCP wraps reader failures in its own exception types
+        raise UserError(f"could not read the sharded checkpoint '{step_dir}' ({first_line(e)}); it is damaged or "
+                        f"was written by an incompatible version") from None
+    return state
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -122,23 +161,38 @@ def save_checkpoint(root: Path | str, step: int, model: torch.nn.Module | dict[s
     root = Path(root)
     final = root / step_name(step)
     state_dict = model.state_dict() if isinstance(model, torch.nn.Module) else model
-    meta = {**meta, "step": step, "run_id": run_id}
     with atomic_folder(final, flag) as tmp:
+        write_step_files(tmp, step, state_dict, optimizer, meta, train_state, run_id, tokenizer_file)
+    prune(root, run_id, keep)
+    return final
+
+
+def write_step_files(tmp: Path, step: int, state_dict: dict[str, torch.Tensor] | None,
+                     optimizer: torch.optim.Optimizer | dict[str, Any] | None, meta: dict[str, Any],
+                     train_state: dict[str, Any], run_id: str | None = None,
+                     tokenizer_file: str | Path | None = None) -> None:
+    """The files of a step folder, into the folder being built; meta.json last, with the size and sha256 of every
+    file below the folder (a sharded checkpoint passes state_dict=None: parallel.py has written its dcp/ there)."""
+    meta = {**meta, "step": step, "run_id": run_id}
+    if state_dict is not None:
         save_weights(tmp / WEIGHTS_FILE, state_dict)
-        if optimizer is not None:
-            state = optimizer.state_dict() if isinstance(optimizer, torch.optim.Optimizer) else optimizer
-            torch.save(state, tmp / OPTIMIZER_FILE)
-        torch.save(train_state, tmp / TRAIN_STATE_FILE)
-        if tokenizer_file and Path(tokenizer_file).is_file():
-            name = Path(tokenizer_file).name
-            shutil.copyfile(tokenizer_file, tmp / name)
-            meta["tokenizer"] = {**meta.get("tokenizer", {}), "file": name}
-        meta["files"] = {p.name: _file_record(p) for p in sorted(tmp.iterdir())}
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
+    if optimizer is not None:
+        state = optimizer.state_dict() if isinstance(optimizer, torch.optim.Optimizer) else optimizer
+        torch.save(state, tmp / OPTIMIZER_FILE)
+    torch.save(train_state, tmp / TRAIN_STATE_FILE)
+    if tokenizer_file and Path(tokenizer_file).is_file():
+        name = Path(tokenizer_file).name
+        shutil.copyfile(tokenizer_file, tmp / name)
+        meta["tokenizer"] = {**meta.get("tokenizer", {}), "file": name}
+    meta["files"] = {p.relative_to(tmp).as_posix(): _file_record(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+    (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
+
+
+def prune(root: Path | str, run_id: str | None, keep: int) -> None:
+    """Keep this run's newest `keep` checkpoints (other runs' step folders are never touched)."""
     if keep > 0:
         for old in list_checkpoints(root, run_id)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
-    return final
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -146,20 +200,9 @@ def save_checkpoint(root: Path | str, step: int, model: torch.nn.Module | dict[s
 
 
 def list_checkpoints(root: Path | str, run_id: str | None = None) -> list[Path]:
-    """Step folders under root that have a meta.json (of run `run_id` when given), oldest first. Their files are
-    not checked here: see verify_checkpoint."""
-    root = Path(root)
-    if not root.is_dir():
-        return []
-    found = []
-    for p in root.iterdir():
-        m = _STEP_DIR.match(p.name)
-        if not (m and p.is_dir()):
-            continue
-        if run_id is not None and _meta_or_none(p).get("run_id") != run_id:
-            continue
-        found.append((int(m.group(1)), p))
-    return [p for _, p in sorted(found)]
+    """Step folders under root (of run `run_id` when given), oldest first. Their files are not checked here: see
+    verify_checkpoint."""
+    return [p for p in step_folders(root) if run_id is None or _meta_or_none(p).get("run_id") == run_id]
 
 
 def step_folders(root: Path | str) -> list[Path]:
@@ -278,8 +321,12 @@ def load_model(path: Path | str, device: str | torch.device = "cpu",
         model = Transformer(args)
     try:
         state_dict = load_weights(step_dir / WEIGHTS_FILE, device=device)
+        if not (step_dir / WEIGHTS_FILE).is_file():  # a sharded checkpoint, read on CPU: copy onto the device
+            state_dict = {k: v.to(device) for k, v in state_dict.items()}
         # assign=True keeps the memory-mapped tensors instead of copying them into freshly allocated ones
         model.load_state_dict(state_dict, strict=True, assign=dtype is None)
+        if args.tie_embeddings:  # assign=True replaced both parameters: share them again
+            model.head.weight = model.embed.weight
     except Exception as e:  # safetensors raises its own error types for damaged files
         raise UserError(f"could not load weights from '{step_dir}' ({first_line(e)}); the checkpoint is damaged "
                         f"or was written by an incompatible version") from None
@@ -362,12 +409,18 @@ def run_lock(root: Path | str) -> Iterator[None]:
 
 
 def remove_stale_temporaries(root: Path | str) -> list[Path]:
-    """Remove the temporary folders that killed saves left behind (call with the run lock held: no live process
-    writes into the folder then)."""
+    """Clean up what killed saves left in a run folder (call with the run lock held: no live process writes into
+    the folder then): a step folder moved aside by a save that died before its replacement landed is put back,
+    every other temporary folder is removed."""
     removed = []
     root = Path(root)
-    for p in root.iterdir() if root.is_dir() else []:
-        if p.name.startswith(TMP_PREFIX):
-            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-            removed.append(p)
+    for p in sorted(root.iterdir()) if root.is_dir() else []:
+        if not p.name.startswith(TMP_PREFIX):
+            continue
+        m = re.fullmatch(rf"{re.escape(TMP_PREFIX)}old_(step_\d+)_\d+", p.name)
+        if m and not (root / m.group(1)).exists():
+            os.replace(p, root / m.group(1))
+            continue
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        removed.append(p)
     return removed

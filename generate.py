@@ -280,6 +280,9 @@ class StreamPrinter:
 
 def main(argv: Sequence[str] | None = None) -> None:
     cfg: GenerateConfig = parse_config(GenerateConfig, argv, description=__doc__.split("\n\n")[0])
+    if cfg.chat:  # the multi-turn terminal chat lives in chat.py
+        import chat
+        return chat.main_chat(cfg)
     texts = read_prompts(cfg)
 
     import tokenizer as tokenizer_mod

@@ -44,9 +44,7 @@ RoPE: our rotary dimensions are DeepSeek's interleaved pairs (x0,x1),(x2,x3)...;
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -54,7 +52,7 @@ import torch
 from safetensors import SafetensorError
 
 import checkpoint
-from common import DTYPES, TMP_PREFIX, atomic_folder, first_line, pid_alive
+from common import DTYPES, atomic_folder, first_line, recover_atomic_folder
 from config import ExportConfig, ModelArgs, UserError, parse_config, run_main
 
 HF_MODEL_TYPE = "deepseek_v3"
@@ -499,6 +497,8 @@ def save_hf_tokenizer(tokenizer: Any, folder: Path, max_seq_len: int) -> None:
                               "vocab_size": tokenizer.vocab_size,
                               "file_sha256": _file_sha256(folder / "tokenizer.json")},
     }
+    if getattr(tokenizer, "chat_template", None):  # chat.py's template as Jinja, for apply_chat_template
+        tokenizer_config["chat_template"] = tokenizer.chat_template
     (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
     (folder / "special_tokens_map.json").write_text(
         json.dumps({"bos_token": bos, "eos_token": eos, "pad_token": pad}, indent=2) + "\n")
@@ -591,24 +591,10 @@ def load_hf_weights(folder: Path, device: str | torch.device = "cpu") -> dict[st
     return state
 
 
-def clean_stale_output(final: Path) -> None:
-    """Remove what an export killed before it finished left beside `final` (its temporary folder, named with the
-    pid of a process that is gone). A killed export's previous folder, moved aside just before the new one was
-    renamed into place, is put back when nothing replaced it."""
-    for stale in final.parent.glob(f"{TMP_PREFIX}*{final.name}_*"):
-        pid = stale.name.rsplit("_", 1)[-1]
-        if not pid.isdigit() or pid_alive(int(pid)) or not stale.is_dir():
-            continue
-        if stale.name == f"{TMP_PREFIX}old_{final.name}_{pid}" and not final.exists():
-            os.replace(stale, final)
-        elif stale.name in (f"{TMP_PREFIX}{final.name}_{pid}", f"{TMP_PREFIX}old_{final.name}_{pid}"):
-            shutil.rmtree(stale, ignore_errors=True)
-
-
 def check_output_dir(output_dir: Path, overwrite: bool) -> None:
     """Refuse an --output_dir that holds something we must not replace (after cleaning what a killed export left
     beside it)."""
-    clean_stale_output(output_dir)
+    recover_atomic_folder(output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise UserError(f"--output_dir '{output_dir}' is a file; choose another --output_dir")
     if output_dir.exists() and not overwrite:

@@ -35,6 +35,7 @@ import torch
 import torch.distributed as dist
 
 import checkpoint
+import parallel
 from common import DTYPES, atomic_write, autocast_context, first_line, resolve_device, resolve_dtype
 from config import (ModelArgs, TrainConfig, UserError, make_writable_folder, model_args_from_preset, parse_config,
                     run_main)
@@ -60,14 +61,15 @@ class DistInfo:
         return self.world_size > 1
 
 
-def setup_distributed(device: str = "auto") -> DistInfo:
-    """Join the process group when launched by torchrun (WORLD_SIZE > 1): NCCL on GPUs, gloo on CPU.
-    A plain `python train.py` runs as a single process with no process group."""
+def setup_distributed(device: str = "auto", always_group: bool = False) -> DistInfo:
+    """Join the process group when launched by torchrun (WORLD_SIZE > 1, or any world size with always_group:
+    FSDP needs one even on a single rank): NCCL on GPUs, gloo on CPU. A plain `python train.py` runs as a single
+    process with no process group."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     dev = resolve_device(device, local_rank)
-    if world_size > 1:
+    if world_size > 1 or always_group:
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
             dist.init_process_group(backend="nccl", device_id=dev)
@@ -353,6 +355,7 @@ class Run:
     logger: Logger
     meta: dict[str, Any]
     resume_dir: Path | None = None
+    pending_dcp: Path | None = None  # a sharded checkpoint restore() leaves to wrap(): read once sharded (FSDP)
     init_state: dict[str, torch.Tensor] | None = None
     start_step: int = 0
     replaces: list[Path] = field(default_factory=list)
@@ -527,6 +530,14 @@ def restore(run: Run, task: Task) -> None:
         return
     if run.resume_dir is None:
         return
+    if checkpoint.is_sharded(run.resume_dir):  # DCP: read by any world size, sharded or not
+        state = checkpoint.safe_torch_load(run.resume_dir / checkpoint.TRAIN_STATE_FILE)
+        if run.cfg.parallel == "fsdp":
+            run.pending_dcp = run.resume_dir  # into the shards, once wrap() has made them
+        else:
+            parallel.load_dcp(run.resume_dir, run.raw, run.optimizer)
+        _restore_position(run, task, state)
+        return
     weights, optimizer_state, state = checkpoint.load_train_state(run.resume_dir)
     run.raw.load_state_dict(weights, strict=True)
     if optimizer_state is None:
@@ -538,6 +549,11 @@ def restore(run: Run, task: Task) -> None:
     except (ValueError, KeyError) as e:
         raise UserError(f"the optimizer state in '{run.resume_dir}' does not fit this run's optimizer "
                         f"({first_line(e)}); resume with the same --optimizer settings") from None
+    _restore_position(run, task, state)
+
+
+def _restore_position(run: Run, task: Task, state: dict[str, Any]) -> None:
+    """The task's data position, the RNG states and the gradient scaler of a resumed checkpoint."""
     d = run.dist
     same_world = state.get("world_size") == d.world_size
     if not same_world and d.is_main:
@@ -552,7 +568,11 @@ def restore(run: Run, task: Task) -> None:
 
 def wrap(run: Run) -> None:
     """Add the wrappers the training forward runs through: torch.compile, then DDP. Checkpoints always come from
-    run.raw; evaluation uses the compiled module without DDP."""
+    run.raw; evaluation uses the compiled module without DDP. Under --parallel fsdp, run.raw itself is sharded in
+    place instead (see wrap_fsdp)."""
+    if run.cfg.parallel == "fsdp":
+        wrap_fsdp(run)
+        return
     model = run.raw
     if run.cfg.compile_model:
         model = torch.compile(model, backend=run.cfg.backend)
@@ -570,6 +590,26 @@ def wrap(run: Run) -> None:
     run.model = model
 
 
+def wrap_fsdp(run: Run) -> None:
+    """--parallel fsdp: compile each block in place (module names unchanged), fully_shard every block and the root,
+    and rebuild the optimizer over the shards. A restored plain checkpoint's optimizer state is carried over into
+    the shards; a sharded checkpoint is read straight into them. run.raw, run.model and run.eval_model are then
+    the same sharded module (its forward all-gathers each block's weights as it runs)."""
+    cfg, d = run.cfg, run.dist
+    restored = parallel.full_optimizer_state(run.raw, run.optimizer)
+    if cfg.compile_model:
+        for block in run.raw.layers:
+            block.compile(backend=cfg.backend)
+    parallel.apply_fsdp(run.raw, d.device, run.dtype, cfg.reshard_after_forward)
+    run.optimizer = build_optimizer(run.raw, cfg, d.device)
+    if restored is not None:
+        parallel.load_full_optimizer_state(run.raw, run.optimizer, restored)
+    if run.pending_dcp is not None:
+        parallel.load_dcp(run.pending_dcp, run.raw, run.optimizer)
+        run.pending_dcp = None
+    run.model = run.eval_model = run.raw
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # One step, evaluation, checkpoint
 
@@ -582,6 +622,18 @@ def to_device(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, (list, tuple)):
         return type(batch)(to_device(v, device) for v in batch)
     return batch
+
+
+def batch_rows(batch: Any) -> int:
+    """The number of examples in a batch: the leading size of its first tensor."""
+    if isinstance(batch, torch.Tensor):
+        return batch.size(0)
+    items = batch.values() if isinstance(batch, dict) else batch if isinstance(batch, (list, tuple)) else []
+    for item in items:
+        rows = batch_rows(item)
+        if rows:
+            return rows
+    return 1 if not items else 0
 
 
 def mean_over_ranks(sums: dict[str, torch.Tensor], count: float, d: DistInfo) -> dict[str, float]:
@@ -606,6 +658,8 @@ def train_step(run: Run, step: int, task: Task, stop_requested: bool = False) ->
         last = micro == run.grad_accum - 1
         sync = run.model.no_sync() if d.distributed and not last and hasattr(run.model, "no_sync") \
             else contextlib.nullcontext()
+        if hasattr(run.model, "set_requires_gradient_sync"):  # FSDP: reduce-scatter on the last micro-step only
+            run.model.set_requires_gradient_sync(last)
         with sync:
             with autocast_context(run.dtype, d.device):
                 loss, metrics = task.loss(run.model, batch)
@@ -627,6 +681,7 @@ def train_step(run: Run, step: int, task: Task, stop_requested: bool = False) ->
     sums["stop"] = torch.tensor(float(stop_requested) * run.grad_accum, device=d.device)
     means = mean_over_ranks(sums, run.grad_accum, d)
     stop = means.pop("stop") > 0
+    grad_norm = parallel.local_value(grad_norm)  # FSDP: a DTensor
     return {**means, "lr": lr, "grad_norm": grad_norm.item(), "router_load_max_mean": load_max,
             "router_load_mean_max_mean": load_mean}, stop
 
@@ -647,9 +702,10 @@ def evaluate_loss(run: Run, batches: Iterable[Any], loss_fn: Any, total: int | N
         batch = to_device(batch, run.dist.device)
         with autocast_context(run.dtype, run.dist.device):
             loss, metrics = loss_fn(model, batch)
+        rows = batch_rows(batch)  # a short last batch counts by its rows
         for name, value in {"loss": loss, **metrics}.items():
-            sums[name] = sums.get(name, 0) + value.double()
-        count += 1
+            sums[name] = sums.get(name, 0) + value.double() * rows
+        count += rows
     model.train(was_training)
     if not sums:
         sums = {"loss": torch.zeros((), dtype=torch.float64, device=run.dist.device)}
@@ -663,9 +719,18 @@ def save(run: Run, step: int, task: Task) -> Path | None:
     loaders = gather_objects(task.train_source.state_dict(), d)
     rngs = gather_objects(rng_state(d.device), d)
     path = None
-    if d.is_main:
-        train_state = {"step": step, "lr": lr_at(step, run.cfg), "loader": loaders, "rng": rngs,
-                       "world_size": d.world_size, "scaler": run.scaler.state_dict() if run.scaler else None}
+    train_state = {"step": step, "lr": lr_at(step, run.cfg), "loader": loaders, "rng": rngs,
+                   "world_size": d.world_size, "scaler": run.scaler.state_dict() if run.scaler else None}
+    if parallel.is_fsdp(run.raw):  # every rank writes its shards (DCP); rank 0 the rest, then publishes
+        def write_rest(tmp: Path) -> None:  # rank 0, once every rank's shards are in tmp/dcp
+            checkpoint.write_step_files(tmp, step, None, None, run.meta, train_state, run.run_id,
+                                        run.tokenizer.source)
+
+        path = parallel.save_sharded_checkpoint(run.root / checkpoint.step_name(step), run.raw, run.optimizer,
+                                                write_rest)
+        if d.is_main:
+            checkpoint.prune(run.root, run.run_id, run.cfg.keep_checkpoints)
+    elif d.is_main:
         path = checkpoint.save_checkpoint(run.root, step, run.raw, run.optimizer, run.meta, train_state,
                                           keep=run.cfg.keep_checkpoints, run_id=run.run_id,
                                           tokenizer_file=run.tokenizer.source)
@@ -782,7 +847,13 @@ def fit(run: Run, task: Task) -> int:
 def run_stage(cfg: TrainConfig, overrides: dict[str, Any], make_task: Any, load_tokenizer: Any) -> None:
     """main() of a training script: distributed setup, tokenizer, prepare, the stage's task, restore, wrap, fit,
     teardown. A user mistake on any rank is reported once (by rank 0); a rank whose peer died reports one line."""
-    d = setup_distributed(cfg.device)
+    try:
+        parallel.check_setup(cfg.parallel, cfg.dtype)
+    except UserError:
+        if int(os.environ.get("RANK", "0")) != 0:  # every rank hits the same mistake: report it once
+            raise SystemExit(1)
+        raise
+    d = setup_distributed(cfg.device, always_group=cfg.parallel == "fsdp")
     code = 0
     try:
         tokenizer = load_tokenizer(cfg)
@@ -836,9 +907,17 @@ class PretrainTask:
     def evaluate(self, run: Run) -> dict[str, float]:
         if self.val_loader is None:
             return {}
+        from data_loader import bits_per_byte, bytes_per_token
+
+        # ranks split one fixed set of eval_steps x batch_size windows: the figure does not depend on world size
         steps = run.cfg.eval_steps
-        results = evaluate_loss(run, self.val_loader.eval_batches(steps), self.loss, total=steps)
-        return {"val_loss": results["loss"]}
+        results = evaluate_loss(run, self.val_loader.eval_batches(steps), self.loss,
+                                total=math.ceil(steps / run.dist.world_size))
+        out = {"val_loss": results["loss"]}
+        ratio = bytes_per_token(run.cfg.data_file_name, "val")
+        if ratio:
+            out["val_bpb"] = bits_per_byte(results["loss"], ratio)
+        return out
 
 
 def load_pretrain_tokenizer(cfg: TrainConfig) -> Any:

@@ -183,9 +183,12 @@ def test_stale_temporaries_are_removed(tmp_path: Path) -> None:
     (tmp_path / ".tmp_step_000004_99999").mkdir()
     (tmp_path / ".tmp_step_000004_99999" / "model.safetensors").write_bytes(b"x" * 100)
     (tmp_path / "step_000001").mkdir()
+    (tmp_path / ".tmp_old_step_000003_99999").mkdir()  # a re-save of step 3 killed between its two renames
+    (tmp_path / ".tmp_old_step_000003_99999" / "meta.json").write_text("{}")
     removed = checkpoint.remove_stale_temporaries(tmp_path)
     assert [p.name for p in removed] == [".tmp_step_000004_99999"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_000001"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_000001", "step_000003"]
+    assert (tmp_path / "step_000003" / "meta.json").read_text() == "{}"
 
 
 def test_run_lock_names_the_holder(tmp_path: Path) -> None:
@@ -224,3 +227,15 @@ def test_a_moved_run_folder_still_finds_its_tokenizer(tmp_path: Path) -> None:
     meta = checkpoint.read_meta(tmp_path / "moved" / step_dir.name)
     assert Path(meta["tokenizer"]["path"]) == (tmp_path / "moved" / step_dir.name / "tokenizer.json").resolve()
     assert json.loads(Path(meta["tokenizer"]["path"]).read_text()) == {"model": {}}
+
+
+def test_tied_embeddings_stay_tied_after_loading(tmp_path: Path) -> None:
+    import dataclasses
+
+    torch.manual_seed(0)
+    model = Transformer(dataclasses.replace(ARGS, tie_embeddings=True))
+    model.init_weights()
+    checkpoint.save_checkpoint(tmp_path, 1, model, None, {"model_args": model.args.to_dict()}, {})
+    loaded, _ = checkpoint.load_model(tmp_path)
+    assert loaded.head.weight is loaded.embed.weight
+    assert torch.equal(loaded.embed.weight, model.embed.weight)

@@ -345,7 +345,8 @@ def test_cli_batch_from_file_equals_single_prompts(script, tiny_run):
     proc = _gen(script, tiny_run, "--input_file", str(path), "--num_tokens_to_generate", "8", "--temperature", "0",
                 "--num_samples", "2")
     assert proc.returncode == 0, proc.stderr
-    lines = [l for l in proc.stdout.splitlines() if l.startswith("--- [")]
+    # one block per sample (a generated text may hold newlines): split at the markers, not at lines
+    lines = ["--- [" + b.rstrip("\n") for b in proc.stdout.split("\n\n[")[0].split("--- [")[1:]]
     assert len(lines) == 6
     single = _gen(script, tiny_run, "--input_text", prompts[1], "--num_tokens_to_generate", "8",
                   "--temperature", "0")

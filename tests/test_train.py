@@ -84,15 +84,17 @@ def run_ok(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
 def test_ddp_two_processes_match_one_process(corpus, tmp_path: Path) -> None:
     # global batch 256 tokens: 2 ranks x 2 seqs x 32 tokens x 2 micro-steps (exercises no_sync) vs 1 process x 4 seqs
     # x 32 tokens x 2 micro-steps; the data loader hands rank r the windows a single process reads in the same order
+    # evaluation at step 5 over the same 12 validation windows: 6 batches of 2 split over 2 ranks, 3 batches of 4
     common = [*SMALL, "--steps", "5", "--total_batch_size", "256", "--warm_up", "2", "--lr", "3e-3",
-              "--eval_rate", "0", "--save_rate", "1000", "--quiet", "--seed", "7"]
+              "--eval_rate", "5", "--save_rate", "1000", "--quiet", "--seed", "7"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          str(ROOT / "train.py"), *train_args(corpus, tmp_path / "ddp", *common, "--batch_size", "2")],
+                          str(ROOT / "train.py"), *train_args(corpus, tmp_path / "ddp", *common, "--batch_size", "2",
+                                                                  "--eval_steps", "6")],
                          cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert ddp.returncode == 0, ddp.stdout[-2000:] + ddp.stderr[-3000:]
     assert "2 ranks x 2 micro-steps" in ddp.stdout
-    run_ok(*train_args(corpus, tmp_path / "one", *common, "--batch_size", "4"))
+    run_ok(*train_args(corpus, tmp_path / "one", *common, "--batch_size", "4", "--eval_steps", "3"))
 
     ddp_log, one_log = read_log(tmp_path / "ddp" / "log.jsonl"), read_log(tmp_path / "one" / "log.jsonl")
     assert sorted(ddp_log) == sorted(one_log) == [1, 2, 3, 4, 5]
@@ -100,6 +102,10 @@ def test_ddp_two_processes_match_one_process(corpus, tmp_path: Path) -> None:
         assert abs(ddp_log[step]["loss"] - one_log[step]["loss"]) < 1e-5, step
         assert abs(ddp_log[step]["grad_norm"] - one_log[step]["grad_norm"]) < 1e-4 * one_log[step]["grad_norm"]
     assert one_log[5]["loss"] < one_log[1]["loss"]
+    ddp_eval, one_eval = read_log(tmp_path / "ddp" / "log.jsonl", "eval")[5], read_log(tmp_path / "one" / "log.jsonl",
+                                                                                        "eval")[5]
+    assert abs(ddp_eval["val_loss"] - one_eval["val_loss"]) < 1e-5  # evaluation averaged over the ranks' shares
+    assert ddp_eval["val_bpb"] == pytest.approx(one_eval["val_bpb"], abs=1e-5)
 
     ddp_w, one_w = final_weights(tmp_path / "ddp"), final_weights(tmp_path / "one")
     assert ddp_w.keys() == one_w.keys()
