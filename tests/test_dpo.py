@@ -102,7 +102,7 @@ def trl_compute(tmp_path: Path, policy_dir: Path, ref_dir: Path, rows, **options
 @pytest.mark.filterwarnings("ignore")
 @pytest.mark.parametrize("loss_type,label_smoothing", [("sigmoid", 0.0), ("ipo", 0.0), ("hinge", 0.0),
                                                        ("robust", 0.2), ("sigmoid", 0.2)])
-def test_loss_rewards_and_gradients_equal_trl(loss_type, label_smoothing, tmp_path):
+def test_loss_rewards_and_gradients_equal_trl(loss_type, label_smoothing, tmp_path, rows=ROWS):
     tok = make_tokenizer(tmp_path / "tok")
     args = tiny_args(tok.vocab_size)
     ref = tiny_model(args, 0)
@@ -117,11 +117,11 @@ def test_loss_rewards_and_gradients_equal_trl(loss_type, label_smoothing, tmp_pa
                        loss_weights=[2 * (1 - label_smoothing), -(1 - 2 * label_smoothing)])
     else:
         options = dict(loss_type=[loss_type])
-    batch, trl_loss, metrics, trl_grads = trl_compute(tmp_path, policy_dir, ref_dir, ROWS, beta=beta,
+    batch, trl_loss, metrics, trl_grads = trl_compute(tmp_path, policy_dir, ref_dir, rows, beta=beta,
                                                       label_smoothing=label_smoothing, **options)
 
     # ours: the same rows through dpo.py's encoding, collation and loss
-    pairs, dropped = dpo.encode_rows(tok, ROWS, max_len=args.max_seq_len)
+    pairs, dropped = dpo.encode_rows(tok, rows, max_len=args.max_seq_len)
     assert dropped == 0
     ours = dpo.collate(pairs, tok.pad_id)
     n = batch["input_ids"].shape[1]
@@ -149,7 +149,7 @@ def test_loss_rewards_and_gradients_equal_trl(loss_type, label_smoothing, tmp_pa
                               ("reward_accuracy", "rewards/accuracies"), ("reward_margin", "rewards/margins"),
                               ("logp_chosen", "logps/chosen"), ("logp_rejected", "logps/rejected")]:
         assert abs(m[ours_key].item() - metrics[trl_key]) < 1e-5, (ours_key, m[ours_key].item(), metrics[trl_key])
-    assert 0 < m["reward_accuracy"].item() < 1 or loss_type != "sigmoid"  # a batch with both outcomes
+    assert 0 < m["reward_accuracy"].item() < 1 or loss_type != "sigmoid" or rows is not ROWS  # both outcomes
 
     # gradients: TRL's (HF names, fused experts) mapped to our layout
     config = json.loads((policy_dir / "config.json").read_text())
@@ -160,6 +160,23 @@ def test_loss_rewards_and_gradients_equal_trl(loss_type, label_smoothing, tmp_pa
     assert largest > 1e-3  # the comparison is not between zeros
     for name, grad in ours_grads.items():
         torch.testing.assert_close(grad, theirs[name].to(grad.dtype), atol=1e-5, rtol=0, msg=name)
+
+
+CHAT_ROWS = [
+    {"prompt": [{"role": "user", "content": r["prompt"]}], "chosen": [{"role": "assistant", "content": r["chosen"]}],
+     "rejected": [{"role": "assistant", "content": r["rejected"]}]} for r in ROWS[:2]
+] + [{"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello world,"},
+                 {"role": "assistant", "content": "hello there!"}, {"role": "user", "content": "Numbers"}],
+      "chosen": [{"role": "assistant", "content": "12345 and more"}],
+      "rejected": [{"role": "assistant", "content": "words"}]}]
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore")
+def test_conversations_through_the_chat_template_equal_trl(tmp_path):
+    """Message-list rows: TRL applies the exported folder's Jinja chat_template, dpo.py chat.py's ChatFormat; the
+    ids, loss, rewards and gradients still agree."""
+    test_loss_rewards_and_gradients_equal_trl("sigmoid", 0.0, tmp_path, rows=CHAT_ROWS)
 
 
 # ----------------------------------------------------------------------------------------------------------------
