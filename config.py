@@ -268,11 +268,11 @@ class TrainConfig(TokenizerOptions):
     min_lr: float = opt(1e-4, "learning rate at the end of the decay (Muon groups: min_lr / lr of --muon_lr)",
                         ge=0)
     warm_up: int = opt(100, "linear warm-up steps", ge=0)
-    lr_schedule: str = opt("cosine", "cosine: decay from the end of the warm-up; wsd: warmup-stable-decay, the peak "
+    lr_schedule: str = opt("wsd", "cosine: decay from the end of the warm-up; wsd: warmup-stable-decay, the peak "
                                      "rate until the last --decay_frac of the steps, then linear to min_lr (its "
                                      "checkpoint before the decay extends to a longer run)", choices=("cosine", "wsd"))
-    decay_frac: float = opt(0.2, "fraction of --steps spent decaying with --lr_schedule wsd", gt=0, le=1)
-    optimizer: str = opt("adamw", "adamw: AdamW everywhere; muon: Muon for the hidden weight matrices (attention, "
+    decay_frac: float = opt(0.4, "fraction of --steps spent decaying with --lr_schedule wsd", gt=0, le=1)
+    optimizer: str = opt("muon", "adamw: AdamW everywhere; muon: Muon for the hidden weight matrices (attention, "
                                   "feed-forward, routed experts) and AdamW (--lr) for the embedding, head, norms "
                                   "and router", choices=("adamw", "muon"))
     muon_lr: float = opt(0.02, "peak Muon learning rate (with --muon_lr_rule original it transfers across widths)",

@@ -29,7 +29,7 @@ import torch.distributed as dist
 
 import checkpoint
 from common import DTYPES, autocast_context, resolve_device, resolve_dtype
-from optim import build_optimizer, lr_at
+from optim import build_optimizer, lr_at, set_lr
 from config import ModelArgs, TrainConfig, UserError, model_args_from_preset, parse_config, run_main
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -491,9 +491,7 @@ def train(cfg: TrainConfig, overrides: dict[str, Any], d: Dist) -> int:
     try:
         for step in range(start_step + 1, cfg.steps + 1):
             t0 = time.perf_counter()
-            lr = lr_at(step, cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            lr = set_lr(optimizer, step, cfg)  # Muon groups run at --muon_lr
             loss_sum = torch.zeros((), device=d.device)
             for micro in range(grad_accum):
                 x, y = train_loader.next_batch()

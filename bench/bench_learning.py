@@ -55,32 +55,31 @@ PYDOC_HTML = Path("/usr/share/doc/python3/html")
 # a recipe: preset, ModelArgs flags, TrainConfig flags. LR search multiplies every rate of a recipe (lr and, with
 # Muon, muon_lr) by the same factors, so each recipe gets the same number of runs.
 BASE = dict(warm_up=30, min_lr_frac=0.1, weight_decay=0.1, grad_clip=1.0)
+MUON = dict(optimizer="muon", lr=3e-3, muon_lr=0.02)
+WSD = dict(lr_schedule="wsd", decay_frac=0.2)
+GPT2_ARCH = dict(attn_type="mha", tie_embeddings=True)
 RECIPES: dict[str, dict] = {
-    # (a) a plain dense GPT-2-style model from our flags: multi-head attention, dense SwiGLU, tied embeddings
-    "gpt2": dict(preset="tiny-dense", model=dict(attn_type="mha", tie_embeddings=True), train=dict(lr=2e-3)),
+    # (a) a plain dense GPT-2-style model from our flags: multi-head attention, dense SwiGLU, tied embeddings,
+    # AdamW, cosine
+    "gpt2": dict(preset="tiny-dense", model=GPT2_ARCH, train=dict(lr=2e-3)),
     # (b) today's tiny recipe (quickstart.sh): MLA + MoE, AdamW 3e-3, cosine to 3e-4
     "tiny-today": dict(preset="tiny", model={}, train=dict(lr=3e-3)),
-    # Muon variants
-    "tiny-muon": dict(preset="tiny", model={}, train=dict(optimizer="muon", lr=3e-3, muon_lr=0.02)),
-    "tiny-muon-wsd": dict(preset="tiny", model={}, train=dict(optimizer="muon", lr=3e-3, muon_lr=0.02,
-                                                               lr_schedule="wsd")),
-    "tiny-wsd": dict(preset="tiny", model={}, train=dict(lr=3e-3, lr_schedule="wsd")),
-    "dense-muon": dict(preset="tiny-dense", model={}, train=dict(optimizer="muon", lr=3e-3, muon_lr=0.02)),
+    # (c) candidate: tiny + Muon + WSD
+    "tiny-muon-wsd": dict(preset="tiny", model={}, train={**MUON, **WSD}),
+    # ablations: c without one part, or with one option more
+    "tiny-muon": dict(preset="tiny", model={}, train=MUON),
+    "tiny-wsd": dict(preset="tiny", model={}, train=dict(lr=3e-3, **WSD)),
+    "dense-muon-wsd": dict(preset="tiny-dense", model={}, train={**MUON, **WSD}),
     "dense-adamw": dict(preset="tiny-dense", model={}, train=dict(lr=3e-3)),
-    "gpt2-muon": dict(preset="tiny-dense", model=dict(attn_type="mha", tie_embeddings=True),
-                      train=dict(optimizer="muon", lr=3e-3, muon_lr=0.02)),
-    "tiny-muon-zero": dict(preset="tiny", model=dict(zero_init_out=True),
-                           train=dict(optimizer="muon", lr=3e-3, muon_lr=0.02)),
-    "tiny-muon-qknorm": dict(preset="tiny", model=dict(qk_norm=True), train=dict(optimizer="muon", lr=3e-3,
-                                                                                 muon_lr=0.02)),
-    "tiny-muon-softcap": dict(preset="tiny", model=dict(logit_softcap=15.0),
-                              train=dict(optimizer="muon", lr=3e-3, muon_lr=0.02)),
-    "tiny-muon-drop": dict(preset="tiny", model=dict(dropout=0.1), train=dict(optimizer="muon", lr=3e-3,
-                                                                              muon_lr=0.02)),
-    "tiny-muon-e16": dict(preset="tiny", model=dict(n_routed_experts=16, moe_inter_dim=64),
-                          train=dict(optimizer="muon", lr=3e-3, muon_lr=0.02)),
-    "tiny-muon-bias001": dict(preset="tiny", model=dict(bias_update_speed=0.001),
-                              train=dict(optimizer="muon", lr=3e-3, muon_lr=0.02)),
+    "gpt2-muon-wsd": dict(preset="tiny-dense", model=GPT2_ARCH, train={**MUON, **WSD}),
+    "tiny-muon-wsd-zero": dict(preset="tiny", model=dict(zero_init_out=True), train={**MUON, **WSD}),
+    "tiny-muon-wsd-qknorm": dict(preset="tiny", model=dict(qk_norm=True), train={**MUON, **WSD}),
+    "tiny-muon-wsd-softcap": dict(preset="tiny", model=dict(logit_softcap=15.0), train={**MUON, **WSD}),
+    "tiny-muon-wsd-drop": dict(preset="tiny", model=dict(dropout=0.1), train={**MUON, **WSD}),
+    "tiny-muon-wsd-e16": dict(preset="tiny", model=dict(n_routed_experts=16, moe_inter_dim=64),
+                              train={**MUON, **WSD}),
+    "tiny-muon-wsd-bias001": dict(preset="tiny", model=dict(bias_update_speed=0.001), train={**MUON, **WSD}),
+    "tiny-muon-wsd40": dict(preset="tiny", model={}, train={**MUON, **WSD, "decay_frac": 0.4}),
 }
 
 
@@ -179,17 +178,17 @@ def package_docstrings() -> list[str]:
 def prepare(regime: str, work: Path) -> dict:
     """Tokenizer (4096 BPE trained on the built-in corpus, as the quickstart) and the regime's train/val tokens,
     cached in `work`."""
-    import tokenizer as tokenizer_lib
-    import train_tokenizer
-
     work.mkdir(parents=True, exist_ok=True)
     tok_dir = work / "tokenizer"
     if not (tok_dir / "tokenizer.json").exists():
+        import train_tokenizer
+
         train_tokenizer.main(["--dataset_path_huggingface", "builtin", "--vocab_size", str(VOCAB),
                               "--tokenizer_train_shard_size", "3000000", "--output_path", str(tok_dir)])
     files = {s: work / f"{regime}_{s}.npy" for s in ("train", "val")}
     meta_file = work / f"{regime}_meta.json"
     if not meta_file.exists():
+        import tokenizer as tokenizer_lib
         from corpus import builtin_corpus_documents
 
         tok = tokenizer_lib.load_trained_tokenizer(tok_dir)
@@ -299,23 +298,39 @@ def val_bpb(model, val: np.ndarray, bytes_per_token: float, device) -> float:
     return total / count / math.log(2) / bytes_per_token
 
 
-def step_cost(name: str, vocab: int, train_tokens: np.ndarray, steps: int = 8, skip: int = 3) -> float:
-    """CPU seconds (one thread, process_time) of one optimizer step of the recipe, median of steps after warm-up."""
+def step_costs(names: list[str], vocab: int, train_tokens: np.ndarray, rounds: int = 10, skip: int = 3
+               ) -> dict[str, float]:
+    """CPU seconds (one thread, process_time) of one optimizer step of each recipe: all recipes are stepped in
+    alternating rounds (so machine load hits them alike), median over the rounds after warm-up."""
     torch.set_num_threads(1)
-    cfg, args = recipe_config(name, 1.0, 1000, vocab)
-    model, optimizer = build(cfg, args, torch.device("cpu"), 0)
+    runs = {}
+    for name in names:
+        cfg, args = recipe_config(name, 1.0, 1000, vocab)
+        runs[name] = (cfg, *build(cfg, args, torch.device("cpu"), 0))
     data = Windows(train_tokens, 0, True)
-    times = []
-    for step in range(1, steps + 1):
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for step in range(1, rounds + 1):
         x, y = data.batch("cpu")
-        t0 = time.process_time()
-        train_step(model, optimizer, cfg, step, x, y)
-        times.append(time.process_time() - t0)
-    return statistics.median(times[skip:])
+        for name, (cfg, model, optimizer) in runs.items():
+            t0 = time.process_time()
+            train_step(model, optimizer, cfg, step, x, y)
+            times[name].append(time.process_time() - t0)
+    return {name: statistics.median(t[skip:]) for name, t in times.items()}
 
 
 def run_one(job: dict) -> dict:
-    """Train one (recipe, lr multiplier, seed) for the budget's steps; returns the results row."""
+    """Train one (recipe, lr multiplier, seed) for the budget's steps; returns the results row (with `error` and
+    NaN results when the run failed, so that one failure does not end the others)."""
+    try:
+        return _run_one(job)
+    except Exception as error:  # noqa: BLE001 - reported in the row
+        return {**{k: job[k] for k in ("regime", "budget", "recipe", "lr_mult", "seed", "steps", "step_cost")},
+                "lr": float("nan"), "muon_lr": None, "final_bpb": float("nan"), "best_bpb": float("nan"),
+                "best_step": 0, "curve": [], "train_loss": float("nan"), "epochs": 0.0, "cpu_s": 0.0,
+                "wall_s": 0.0, "device": job["device"], "error": f"{type(error).__name__}: {error}"}
+
+
+def _run_one(job: dict) -> dict:
     torch.set_num_threads(job.get("threads", 1))
     device = torch.device(job["device"])
     if device.type == "cuda":
@@ -325,7 +340,7 @@ def run_one(job: dict) -> dict:
     val = np.load(job["val"])[:job["val_tokens"] + 1]
     cfg, args = recipe_config(job["recipe"], job["lr_mult"], job["steps"], job["vocab"])
     model, optimizer = build(cfg, args, device, job["seed"])
-    data = Windows(train_tokens, job["seed"], shuffle=job["regime"] == "epochs")
+    data = Windows(train_tokens, job["seed"], shuffle=job.get("shuffle", True))
     evals = sorted({max(1, round(job["steps"] * k / 10)) for k in range(1, 11)})
     curve, loss, cpu, t_wall = [], float("nan"), 0.0, time.perf_counter()
     for step in range(1, cfg.steps + 1):
@@ -343,7 +358,7 @@ def run_one(job: dict) -> dict:
             "lr": cfg.lr, "muon_lr": cfg.muon_lr if cfg.optimizer == "muon" else None, "final_bpb": final,
             "best_bpb": best, "best_step": min(curve, key=lambda c: c[1])[0] if curve else 0, "curve": curve,
             "train_loss": loss, "epochs": cfg.steps * BATCH * SEQ_LEN / len(train_tokens), "cpu_s": cpu,
-            "wall_s": time.perf_counter() - t_wall, "device": job["device"],
+            "wall_s": time.perf_counter() - t_wall, "device": job["device"], "shuffle": job.get("shuffle", True),
             }
 
 
@@ -402,6 +417,10 @@ def main() -> None:
     parser.add_argument("--step_costs", default="", help="JSON of CPU seconds per step per recipe: read when it "
                                                          "exists, else measured here and written")
     parser.add_argument("--calibrate_only", action="store_true")
+    parser.add_argument("--then_budget", type=float, default=0, help="after the runs: run --then_recipes at this "
+                        "budget with each one's best LR multiplier of the first runs (and half of it), --then_seeds")
+    parser.add_argument("--then_recipes", default="gpt2,tiny-today,tiny-muon-wsd")
+    parser.add_argument("--then_seeds", default="1,2")
     parser.add_argument("--report", default="", help="print the table of this results file and exit")
     parser.add_argument("--jobs_file", default="", help="JSON list of [regime, budget, recipe, lr_mult, seed] "
                                                         "instead of the product of the flags")
@@ -429,14 +448,35 @@ def main() -> None:
     missing = sorted({p[2] for p in plan} - set(costs))
     if missing:
         any_train = np.load(next(iter(data.values()))["train"])
+        print(f"measuring the step cost of {len(missing)} recipes (one thread, alternating rounds); load average "
+              f"{os.getloadavg()}", flush=True)
+        costs.update(step_costs(missing, vocab, any_train))
         for name in missing:
-            costs[name] = step_cost(name, vocab, any_train)
             print(f"step cost {name}: {costs[name]:.3f} CPU-s", flush=True)
         if cost_file is not None:
             cost_file.write_text(json.dumps(costs, indent=1, sort_keys=True))
     if opts.calibrate_only:
         return
 
+    rows = run_plan(plan, data, costs, vocab, opts)
+    if opts.then_budget:
+        best = {}
+        for regime, name in {(r["regime"], r["recipe"]) for r in rows}:
+            mine = [r for r in rows if r["regime"] == regime and r["recipe"] == name]
+            best[regime, name] = min(mine, key=lambda r: r["final_bpb"] if math.isfinite(r["final_bpb"]) else 99)
+        then = []
+        for (regime, name), r in sorted(best.items()):
+            if name not in opts.then_recipes.split(","):
+                continue
+            seeds = [int(x) for x in opts.then_seeds.split(",")]
+            then += [(regime, opts.then_budget, name, r["lr_mult"], s) for s in seeds]
+            then += [(regime, opts.then_budget, name, r["lr_mult"] / 2, seeds[0])]
+        rows += run_plan(then, data, costs, vocab, opts)
+    print(report(rows))
+    print(f"load average at the end {os.getloadavg()}")
+
+
+def run_plan(plan, data, costs, vocab, opts) -> list[dict]:
     jobs = []
     for regime, budget, name, mult, seed in plan:
         d = data[regime]
@@ -461,14 +501,16 @@ def main() -> None:
             row = run_one(job)
             rows.append(row)
             _emit(row, out)
-    print(report(rows))
-    print(f"load average at the end {os.getloadavg()}")
+    if out is not None:
+        out.close()
+    return rows
 
 
 def _emit(row: dict, out) -> None:
     print(f"{row['regime']} {row['budget']:g} {row['recipe']} x{row['lr_mult']:g} seed {row['seed']}: "
           f"{row['steps']} steps, final {row['final_bpb']:.4f} best {row['best_bpb']:.4f} bpb "
-          f"({row['cpu_s']:.0f} CPU-s, {row['wall_s']:.0f} s)", flush=True)
+          f"({row['cpu_s']:.0f} CPU-s, {row['wall_s']:.0f} s){' ' + row['error'] if 'error' in row else ''}",
+          flush=True)
     if out is not None:
         out.write(json.dumps(row) + "\n")
 

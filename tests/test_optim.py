@@ -84,7 +84,7 @@ def test_split_sends_hidden_matrices_to_muon_and_the_rest_to_adamw(tied):
 
 def test_adamw_option_is_plain_adamw():
     model = build()
-    opt = build_optimizer(model, TrainConfig(lr=1e-3, weight_decay=0.1), torch.device("cpu"))
+    opt = build_optimizer(model, TrainConfig(lr=1e-3, weight_decay=0.1, optimizer="adamw"), torch.device("cpu"))
     assert type(opt) is torch.optim.AdamW
     decay = {id(p) for p in opt.param_groups[0]["params"]}
     assert decay == {id(p) for p in model.parameters() if p.dim() >= 2}
@@ -244,7 +244,7 @@ def test_combined_works_with_grad_scaler_unscale():
 
 
 def test_cosine_schedule_closed_form():
-    cfg = TrainConfig(lr=1e-3, min_lr=1e-4, warm_up=10, steps=110)
+    cfg = TrainConfig(lr=1e-3, min_lr=1e-4, warm_up=10, steps=110, lr_schedule="cosine")
     assert lr_at(1, cfg) == pytest.approx(1e-4) and lr_at(10, cfg) == pytest.approx(1e-3)
     for step in (11, 40, 60, 110):
         t = (step - 10) / 100

@@ -288,7 +288,7 @@ def test_batch_plan_and_its_error_message() -> None:
 def test_lr_schedule_warmup_then_cosine() -> None:
     import train
 
-    cfg = TrainConfig(steps=100, warm_up=10, lr=1e-3, min_lr=1e-4)
+    cfg = TrainConfig(steps=100, warm_up=10, lr=1e-3, min_lr=1e-4, lr_schedule="cosine")
     lrs = [train.lr_at(s, cfg) for s in range(1, 101)]
     assert lrs[0] == pytest.approx(1e-4) and lrs[0] > 0
     assert lrs[9] == pytest.approx(1e-3)
@@ -305,7 +305,7 @@ def test_weight_decay_only_on_matrices() -> None:
     from model import Transformer
 
     model = Transformer(model_args_from_preset("tiny", vocab_size=256))
-    opt = train.build_optimizer(model, TrainConfig(weight_decay=0.1), torch.device("cpu"))
+    opt = train.build_optimizer(model, TrainConfig(weight_decay=0.1, optimizer="adamw"), torch.device("cpu"))
     decay, no_decay = opt.param_groups
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in no_decay["params"])
