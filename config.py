@@ -100,6 +100,15 @@ class ModelArgs(Options):
     norm_eps: float = opt(1e-6, "RMSNorm epsilon", gt=0)
     tie_embeddings: bool = opt(False, "share the token embedding and the output head")
     init_std: float = opt(0.02, "standard deviation of the weight initialisation", gt=0)
+    # training-recipe options (bench/bench_learning.py measures them)
+    zero_init_out: bool = opt(False, "initialise the output projections (attention wo, feed-forward w2) to zero, "
+                                     "so every block starts as the identity")
+    qk_norm: bool = opt(False, "RMSNorm each head's query and the shared RoPE key (MLA; the key/value latent is "
+                               "normalised already); not expressible in HF DeepseekV3")
+    logit_softcap: float = opt(0.0, "cap the output logits smoothly at +-logit_softcap (cap * tanh(z / cap)); 0 "
+                                    "disables it; not expressible in HF DeepseekV3", ge=0)
+    dropout: float = opt(0.0, "dropout on the attention and feed-forward outputs in training (none at inference, "
+                              "so it exports)", ge=0, lt=1)
 
     def __post_init__(self) -> None:
         check_options(self)
@@ -264,8 +273,26 @@ class TrainConfig(TokenizerOptions):
     batch_size: int = opt(16, "sequences per micro-batch per rank", ge=1)
     seq_len: int = opt(0, "training sequence length; 0 means the model's max_seq_len", ge=0)
     lr: float = opt(1e-3, "peak learning rate", gt=0)
-    min_lr: float = opt(1e-4, "learning rate at the end of the cosine decay", ge=0)
+    min_lr: float = opt(1e-4, "learning rate at the end of the decay (Muon groups: min_lr / lr of --muon_lr)",
+                        ge=0)
     warm_up: int = opt(100, "linear warm-up steps", ge=0)
+    lr_schedule: str = opt("wsd", "cosine: decay from the end of the warm-up; wsd: warmup-stable-decay, the peak "
+                                     "rate until the last --decay_frac of the steps, then linear to min_lr (its "
+                                     "checkpoint before the decay extends to a longer run)", choices=("cosine", "wsd"))
+    decay_frac: float = opt(0.4, "fraction of --steps spent decaying with --lr_schedule wsd", gt=0, le=1)
+    optimizer: str = opt("muon", "adamw: AdamW everywhere; muon: Muon for the hidden weight matrices (attention, "
+                                  "feed-forward, routed experts) and AdamW (--lr) for the embedding, head, norms "
+                                  "and router", choices=("adamw", "muon"))
+    muon_lr: float = opt(0.02, "peak Muon learning rate (with --muon_lr_rule original it transfers across widths)",
+                         gt=0)
+    muon_lr_rule: str = opt("original", "per-matrix Muon rate: original = muon_lr * sqrt(max(1, out/in)) "
+                                        "(spectral: width-independent); match_rms_adamw = muon_lr * 0.2 * "
+                                        "sqrt(max(out, in)) (update RMS of AdamW's)",
+                            choices=("original", "match_rms_adamw"))
+    muon_momentum: float = opt(0.95, "Muon momentum (Nesterov)", ge=0, lt=1)
+    muon_weight_decay: float = opt(0.0, "Muon decoupled weight decay (multiplied by the Muon rate)", ge=0)
+    keep_best: bool = opt(False, "also keep the checkpoint with the lowest validation loss in "
+                                 "<save_file_name>/best (a run that overfits still ends with its best model)")
     weight_decay: float = opt(0.1, "AdamW weight decay (matrices only)", ge=0)
     beta1: float = opt(0.9, "AdamW beta1", ge=0, lt=1)
     beta2: float = opt(0.95, "AdamW beta2", ge=0, lt=1)

@@ -87,6 +87,11 @@ def unsupported_options(args: ModelArgs) -> list[str]:
         problems.append(f"norm_eps={args.norm_eps} (HF DeepseekV3 normalises the query/key-value latents with "
                         f"epsilon {LATENT_NORM_EPS} whatever rms_norm_eps is, while our model uses norm_eps for "
                         f"every norm; train with --norm_eps {LATENT_NORM_EPS})")
+    if args.qk_norm:
+        problems.append("qk_norm=True (HF DeepseekV3 has no query/key normalisation; train with --qk_norm false)")
+    if args.logit_softcap:
+        problems.append(f"logit_softcap={args.logit_softcap} (HF DeepseekV3 has no logit soft-capping; train with "
+                        f"--logit_softcap 0)")
     if moe_layer_ids(args):
         if args.score_func != "sigmoid":
             problems.append(f"score_func={args.score_func} (HF DeepseekV3's router scores experts with a sigmoid "

@@ -134,6 +134,10 @@ class MLA(nn.Module):
         self.wkv_b = Linear(self.kv_lora_rank, self.n_heads * (self.qk_nope_head_dim + self.v_head_dim))
         self.wo = Linear(self.n_heads * self.v_head_dim, self.dim)
         self.softmax_scale = self.qk_head_dim ** -0.5
+        if args.qk_norm:  # each head's query, and the shared RoPE key (the nope keys come from the normed latent)
+            self.q_head_norm = RMSNorm(self.qk_head_dim, args.norm_eps)
+            self.k_pe_norm = RMSNorm(self.qk_rope_head_dim, args.norm_eps)
+        self.qk_norm = args.qk_norm
         # [B_max, S_max, r + rope]: the normalised latent | the roped key; allocated by setup_cache
         self.register_buffer("kv_cache", None, persistent=False)
 
@@ -148,12 +152,16 @@ class MLA(nn.Module):
         # queries
         q = self.wq(x) if self.q_lora_rank == 0 else self.wq_b(self.q_norm(self.wq_a(x)))
         q = q.view(B, T, self.n_heads, self.qk_head_dim)                       # [B, T, H, nope+rope]
+        if self.qk_norm:
+            q = self.q_head_norm(q)
         q_nope, q_pe = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
         q_pe = apply_rotary_emb(q_pe, freqs_cis)
         # the key/value latent and the shared RoPE key
         kv = self.wkv_a(x)                                                      # [B, T, r + rope]
         kv, k_pe = kv.split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
         kv = self.kv_norm(kv)                                                   # [B, T, r]
+        if self.qk_norm:
+            k_pe = self.k_pe_norm(k_pe)
         k_pe = apply_rotary_emb(k_pe.unsqueeze(2), freqs_cis).squeeze(2)        # [B, T, rope]
 
         if start_pos is None:                        # training / reference: no cache
@@ -221,6 +229,10 @@ class Attention(nn.Module):
         self.wk = Linear(args.dim, self.n_kv_heads * self.head_dim)
         self.wv = Linear(args.dim, self.n_kv_heads * self.head_dim)
         self.wo = Linear(self.n_heads * self.head_dim, args.dim)
+        self.qk_norm = args.qk_norm
+        if args.qk_norm:
+            self.q_head_norm = RMSNorm(self.head_dim, args.norm_eps)
+            self.k_head_norm = RMSNorm(self.head_dim, args.norm_eps)
         self.register_buffer("k_cache", None, persistent=False)   # [B_max, S_max, H_kv, hd], by setup_cache
         self.register_buffer("v_cache", None, persistent=False)
 
@@ -232,8 +244,11 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, start_pos: int | None,
                 mask: torch.Tensor | None) -> torch.Tensor:
         B, T, _ = x.shape
-        q = apply_rotary_emb(self.wq(x).view(B, T, self.n_heads, self.head_dim), freqs_cis)     # [B, T, H, hd]
-        k = apply_rotary_emb(self.wk(x).view(B, T, self.n_kv_heads, self.head_dim), freqs_cis)  # [B, T, Hkv, hd]
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)                 # [B, T, H, hd]
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)              # [B, T, Hkv, hd]
+        if self.qk_norm:
+            q, k = self.q_head_norm(q), self.k_head_norm(k)
+        q, k = apply_rotary_emb(q, freqs_cis), apply_rotary_emb(k, freqs_cis)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
         causal = mask is None
         if start_pos is not None:
@@ -537,9 +552,13 @@ class Block(nn.Module):
         self.ffn = MLP(args.dim, args.inter_dim) if layer_id < args.n_dense_layers else MoE(args)
         self.attn_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+        self.dropout = args.dropout   # on each branch's output, training mode only
 
     def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, start_pos: int | None,
                 mask: torch.Tensor | None) -> torch.Tensor:
+        if self.dropout and self.training:
+            x = x + F.dropout(self.attn(self.attn_norm(x), freqs_cis, start_pos, mask), self.dropout)
+            return x + F.dropout(self.ffn(self.ffn_norm(x)), self.dropout)
         x = x + self.attn(self.attn_norm(x), freqs_cis, start_pos, mask)
         return x + self.ffn(self.ffn_norm(x))
 
@@ -593,14 +612,17 @@ class Transformer(nn.Module):
     @torch.no_grad()
     def init_weights(self) -> None:
         """All initialisation: N(0, init_std) for matrices and the embedding, output projections (wo, w2) scaled
-        by 1/sqrt(2 * n_layers) as in GPT-2, ones for norms, zero balancing bias."""
+        by 1/sqrt(2 * n_layers) as in GPT-2 (zero with zero_init_out), ones for norms, zero balancing bias."""
         std = self.args.init_std
         out_std = std / math.sqrt(2 * max(self.args.n_layers, 1))
         for name, p in self.named_parameters():
             if name.endswith("norm.weight"):
                 nn.init.ones_(p)
             elif name.endswith(("wo.weight", "w2.weight", "experts.w2")):
-                nn.init.normal_(p, 0.0, out_std)
+                if self.args.zero_init_out:  # every block starts as the identity
+                    nn.init.zeros_(p)
+                else:
+                    nn.init.normal_(p, 0.0, out_std)
             else:
                 nn.init.normal_(p, 0.0, std)
         for moe in self.moe_layers():
@@ -651,10 +673,20 @@ class Transformer(nn.Module):
         if last_only:
             h = h[:, -1:]                                                       # [B, 1, D]
         h = self.norm(h)
+        cap = self.args.logit_softcap
         if targets is None:
-            return self.head(h)                                                 # [B, T, vocab]
-        loss = linear_cross_entropy(h, self.head.weight, targets, ignore_index=-1, chunk_size=self.loss_chunk_size,
-                                    reduction=reduction)
+            logits = self.head(h)                                               # [B, T, vocab]
+            return logits if not cap else cap * torch.tanh(logits / cap)
+        if cap:  # unfused: the cap sits between the head and the softmax
+            logits = self.head(h)
+            logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # fp32 at least, as the fused loss
+            logits = cap * torch.tanh(logits / cap)                             # [B, T, vocab]
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,
+                                   reduction=reduction)
+            loss = loss.view(targets.shape) if reduction == "none" else loss    # [B, T] or scalar
+        else:
+            loss = linear_cross_entropy(h, self.head.weight, targets, ignore_index=-1,
+                                        chunk_size=self.loss_chunk_size, reduction=reduction)
         if reduction != "mean":
             return loss                                                         # [B, T] or scalar
         for moe in self.moe_layers():
