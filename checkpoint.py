@@ -155,15 +155,18 @@ def _file_record(path: Path) -> dict[str, Any]:
 def save_checkpoint(root: Path | str, step: int, model: torch.nn.Module | dict[str, torch.Tensor],
                     optimizer: torch.optim.Optimizer | dict[str, Any] | None, meta: dict[str, Any],
                     train_state: dict[str, Any], keep: int = 3, run_id: str | None = None,
-                    tokenizer_file: str | Path | None = None, flag: str = "--save_file_name") -> Path:
-    """Write root/step_NNNNNN atomically, then prune this run's checkpoints to the newest `keep` (other runs'
-    step folders are never touched). A failing disk is a one-line UserError; the previous checkpoints stay."""
+                    tokenizer_file: str | Path | None = None, flag: str = "--save_file_name",
+                    name: str | None = None) -> Path:
+    """Write root/step_NNNNNN (or root/<name>) atomically, then prune this run's step checkpoints to the newest
+    `keep` (other runs' step folders are never touched). A failing disk is a one-line UserError; the previous
+    checkpoints stay."""
     root = Path(root)
-    final = root / step_name(step)
+    final = root / (name or step_name(step))
     state_dict = model.state_dict() if isinstance(model, torch.nn.Module) else model
     with atomic_folder(final, flag) as tmp:
         write_step_files(tmp, step, state_dict, optimizer, meta, train_state, run_id, tokenizer_file)
-    prune(root, run_id, keep)
+    if name is None:
+        prune(root, run_id, keep)
     return final
 
 

@@ -433,7 +433,7 @@ def _decide_start(cfg: TrainConfig, root: Path) -> dict[str, Any]:
                             f"--save_file_name")
         aside = root / f"replaced_{(owner or {}).get('run_id') or 'run'}"
         aside.mkdir(exist_ok=True)
-        for path in [*steps, log]:
+        for path in [*steps, log, root / BEST]:
             if path.exists():
                 os.replace(path, aside / path.name)
         return {"resume": None, "replaces": [str(aside)]}
@@ -712,9 +712,10 @@ def evaluate_loss(run: Run, batches: Iterable[Any], loss_fn: Any, total: int | N
     return mean_over_ranks(sums, count, run.dist)
 
 
-def save(run: Run, step: int, task: Task) -> Path | None:
-    """A checkpoint of the raw module, the optimizer, every rank's data position and RNG state. Rank 0 writes it
-    (atomically); every rank waits for it."""
+def save(run: Run, step: int, task: Task, name: str | None = None, **meta: Any) -> Path | None:
+    """A checkpoint of the raw module, the optimizer, every rank's data position and RNG state, as
+    <run folder>/step_NNNNNN (or <run folder>/<name>, never pruned), with `meta` added to its meta.json. Rank 0
+    writes it (atomically; under FSDP every rank writes its shards); every rank waits for it."""
     d = run.dist
     loaders = gather_objects(task.train_source.state_dict(), d)
     rngs = gather_objects(rng_state(d.device), d)
@@ -723,17 +724,17 @@ def save(run: Run, step: int, task: Task) -> Path | None:
                    "world_size": d.world_size, "scaler": run.scaler.state_dict() if run.scaler else None}
     if parallel.is_fsdp(run.raw):  # every rank writes its shards (DCP); rank 0 the rest, then publishes
         def write_rest(tmp: Path) -> None:  # rank 0, once every rank's shards are in tmp/dcp
-            checkpoint.write_step_files(tmp, step, None, None, run.meta, train_state, run.run_id,
+            checkpoint.write_step_files(tmp, step, None, None, {**run.meta, **meta}, train_state, run.run_id,
                                         run.tokenizer.source)
 
-        path = parallel.save_sharded_checkpoint(run.root / checkpoint.step_name(step), run.raw, run.optimizer,
-                                                write_rest)
-        if d.is_main:
+        path = parallel.save_sharded_checkpoint(run.root / (name or checkpoint.step_name(step)), run.raw,
+                                                run.optimizer, write_rest)
+        if d.is_main and name is None:
             checkpoint.prune(run.root, run.run_id, run.cfg.keep_checkpoints)
     elif d.is_main:
-        path = checkpoint.save_checkpoint(run.root, step, run.raw, run.optimizer, run.meta, train_state,
+        path = checkpoint.save_checkpoint(run.root, step, run.raw, run.optimizer, {**run.meta, **meta}, train_state,
                                           keep=run.cfg.keep_checkpoints, run_id=run.run_id,
-                                          tokenizer_file=run.tokenizer.source)
+                                          tokenizer_file=run.tokenizer.source, name=name)
     if d.distributed:
         dist.barrier()
     return path
@@ -802,6 +803,15 @@ def log_eval(run: Run, step: int, results: dict[str, float]) -> None:
     run.logger.record("eval", step, **results)
 
 
+BEST = "best"
+
+
+def best_val_loss(run: Run) -> float:
+    """The validation loss of this run's best checkpoint so far (<run folder>/best), or inf."""
+    meta = checkpoint.read_meta(run.root / BEST) if (run.root / BEST / checkpoint.META_FILE).is_file() else {}
+    return float(meta["val_loss"]) if meta.get("run_id") == run.run_id and "val_loss" in meta else math.inf
+
+
 def finish(run: Run) -> None:
     """A run that reached its last step replaces the run it was started over (--overwrite) only now."""
     if run.dist.is_main:
@@ -819,6 +829,7 @@ def fit(run: Run, task: Task) -> int:
     if run.start_step >= cfg.steps:
         run.logger.print(f"already trained for {run.start_step} steps (--steps {cfg.steps}); nothing to do", True)
         return 0
+    best = best_val_loss(run) if cfg.keep_best else math.inf
     stop = StopRequest()
     stop.install()
     try:
@@ -831,6 +842,10 @@ def fit(run: Run, task: Task) -> int:
                 results = task.evaluate(run)
                 if results and run.dist.is_main:
                     log_eval(run, step, results)
+                if cfg.keep_best and results.get("val_loss", math.inf) < best:
+                    best = results["val_loss"]
+                    path = save(run, step, task, name=BEST, val_loss=best)
+                    run.logger.print(f"new best val loss {best:.4f}: saved {path}")
                 speed.remeasure()
             if step % cfg.save_rate == 0 or step == cfg.steps or stop_now:
                 path = save(run, step, task)

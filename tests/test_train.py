@@ -80,14 +80,23 @@ def run_ok(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
 # (a) DDP with gloo under torchrun == one process with the same global batch
 
 
+# Muon orthogonalises each update with a bf16 Newton-Schulz iteration (torch.optim.Muon's), which turns the float
+# rounding of DDP's all-reduce into differences around 1e-4 after a few steps: its tolerances are looser
+# (and AdamW's sign-like first steps turn them into an lr-sized step on the few embedding rows with near-zero
+# gradients): for Muon the weights are compared by their mean difference, with a loose bound on the largest one
+DDP_TOLERANCE = {"adamw": dict(loss=1e-5, gnorm=1e-4, weights=2e-5, mean=2e-5),
+                 "muon": dict(loss=2e-3, gnorm=2e-2, weights=1e-2, mean=5e-4)}
+
+
 @pytest.mark.slow
-def test_ddp_two_processes_match_one_process(corpus, tmp_path: Path) -> None:
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_ddp_two_processes_match_one_process(corpus, tmp_path: Path, optimizer: str) -> None:
     # global batch 256 tokens: 2 ranks x 2 seqs x 32 tokens x 2 micro-steps (exercises no_sync) vs 1 process x 4 seqs
     # x 32 tokens x 2 micro-steps; the data loader hands rank r the windows a single process reads in the same order
-    # evaluation at step 5 over the same 12 validation windows: 6 batches of 2 split over 2 ranks, 3 batches of 4;
-    # AdamW (Muon's own DDP test below has a looser tolerance: its bf16 Newton-Schulz amplifies all-reduce rounding)
+    # evaluation at step 5 over the same 12 validation windows: 6 batches of 2 split over 2 ranks, 3 batches of 4
+    tol = DDP_TOLERANCE[optimizer]
     common = [*SMALL, "--steps", "5", "--total_batch_size", "256", "--warm_up", "2", "--lr", "3e-3",
-              "--eval_rate", "5", "--save_rate", "1000", "--quiet", "--seed", "7", "--optimizer", "adamw"]
+              "--eval_rate", "5", "--save_rate", "1000", "--quiet", "--seed", "7", "--optimizer", optimizer]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                           str(ROOT / "train.py"), *train_args(corpus, tmp_path / "ddp", *common, "--batch_size", "2",
@@ -100,18 +109,19 @@ def test_ddp_two_processes_match_one_process(corpus, tmp_path: Path) -> None:
     ddp_log, one_log = read_log(tmp_path / "ddp" / "log.jsonl"), read_log(tmp_path / "one" / "log.jsonl")
     assert sorted(ddp_log) == sorted(one_log) == [1, 2, 3, 4, 5]
     for step in one_log:
-        assert abs(ddp_log[step]["loss"] - one_log[step]["loss"]) < 1e-5, step
-        assert abs(ddp_log[step]["grad_norm"] - one_log[step]["grad_norm"]) < 1e-4 * one_log[step]["grad_norm"]
+        assert abs(ddp_log[step]["loss"] - one_log[step]["loss"]) < tol["loss"], step
+        assert abs(ddp_log[step]["grad_norm"] - one_log[step]["grad_norm"]) < tol["gnorm"] * one_log[step]["grad_norm"]
     assert one_log[5]["loss"] < one_log[1]["loss"]
     ddp_eval, one_eval = read_log(tmp_path / "ddp" / "log.jsonl", "eval")[5], read_log(tmp_path / "one" / "log.jsonl",
                                                                                         "eval")[5]
-    assert abs(ddp_eval["val_loss"] - one_eval["val_loss"]) < 1e-5  # evaluation averaged over the ranks' shares
-    assert ddp_eval["val_bpb"] == pytest.approx(one_eval["val_bpb"], abs=1e-5)
+    assert abs(ddp_eval["val_loss"] - one_eval["val_loss"]) < tol["loss"]  # averaged over the ranks' shares
+    assert ddp_eval["val_bpb"] == pytest.approx(one_eval["val_bpb"], abs=tol["loss"])
 
     ddp_w, one_w = final_weights(tmp_path / "ddp"), final_weights(tmp_path / "one")
     assert ddp_w.keys() == one_w.keys()
     for name in one_w:
-        torch.testing.assert_close(ddp_w[name], one_w[name], atol=2e-5, rtol=0, msg=name)
+        diff = (ddp_w[name] - one_w[name]).abs()
+        assert diff.max() <= tol["weights"] and diff.mean() <= tol["mean"], (name, diff.max(), diff.mean())
     # the MoE balancing bias moved, identically on both sides (the ranks' expert counts were summed)
     bias = one_w["layers.1.ffn.gate.bias"]
     assert bias.abs().max() > 0
@@ -122,7 +132,8 @@ def test_ddp_two_processes_match_one_process(corpus, tmp_path: Path) -> None:
 # (b) a real signal after step k, resume, identical to an uninterrupted run
 
 RESUME = [*SMALL, "--steps", "40", "--batch_size", "4", "--total_batch_size", "256", "--warm_up", "5",
-          "--lr", "3e-3", "--eval_rate", "15", "--eval_steps", "2", "--save_rate", "10", "--seed", "3"]
+          "--lr", "3e-3", "--eval_rate", "15", "--eval_steps", "2", "--save_rate", "10", "--seed", "3",
+          "--optimizer", "muon"]  # the default optimizer: its state must resume exactly too
 
 
 @pytest.fixture(scope="module")
@@ -575,3 +586,23 @@ def test_ddp_peer_death_is_one_line_from_the_survivor(corpus, tmp_path: Path) ->
     survivor = [line for line in err.splitlines() if line.startswith("error: ")]
     assert len(survivor) == 1 and survivor[0].startswith("error: rank 0: another rank stopped"), err[-3000:]
     assert f'File "{ROOT / "train.py"}"' not in err  # no traceback from our own code
+
+
+def test_keep_best_keeps_the_lowest_validation_loss(corpus, tmp_path: Path) -> None:
+    import checkpoint
+
+    save = tmp_path / "run"
+    best_args = [*FOLDER_RUN, "--eval_rate", "2", "--eval_steps", "2", "--keep_best"]
+    run_ok(*train_args(corpus, save, *best_args, "--steps", "4"))
+    evals = read_log(save / "log.jsonl", "eval")
+    best_step = min(evals, key=lambda s: evals[s]["val_loss"])
+    meta = json.loads((save / "best" / "meta.json").read_text())
+    assert meta["step"] == best_step and meta["val_loss"] == pytest.approx(evals[best_step]["val_loss"])
+    assert checkpoint.verify_checkpoint(save / "best", deep=True) is None
+    # pretend that best was unbeatable: the resumed run's later, worse evaluations must not replace it
+    meta["val_loss"] = 0.01
+    (save / "best" / "meta.json").write_text(json.dumps(meta))
+    run_ok(*train_args(corpus, save, *best_args, "--steps", "8"))
+    assert sorted(read_log(save / "log.jsonl", "eval")) == [2, 4, 6, 8]
+    kept = json.loads((save / "best" / "meta.json").read_text())
+    assert kept["step"] == best_step and kept["val_loss"] == 0.01
