@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import inspect
 import os.path
-import re
 
 import chat_data
 
