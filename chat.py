@@ -1,6 +1,5 @@
-"""Conversations as token ids (the chat template), and a multi-turn terminal chat (`generate.py --chat`).
-
-    python generate.py --chat --save_file_name sft_checkpoints
+"""Conversations as token ids (the chat template), the reply stream and history trimming that the terminal chat
+(`generate.py --chat`) and serve.py share, and loading a model to chat with.
 
 A conversation is a list of messages {"role": "system" | "user" | "assistant", "content": str}. `ChatFormat`
 turns it into the ids the model sees, plus a mask marking the tokens an assistant-only loss trains (the assistant
@@ -13,12 +12,10 @@ Message contents are encoded as text: a "<|user|>" typed inside a message is nev
 templates, as Jinja, are in tokenizer.py (TRAINED_CHAT_TEMPLATE, MISTRAL_CHAT_TEMPLATE) and are written into
 exported HF folders; tests/test_chat.py checks transformers' apply_chat_template and mistral_common give our ids.
 
-In the terminal chat, /reset starts a new conversation and /exit (or end of input) quits. The oldest turns are
-dropped when the conversation no longer fits the context with room for a reply.
+The oldest turns are dropped when a conversation no longer fits the context with room for a reply (fit_history).
 """
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -196,75 +193,3 @@ def load_chat_model(cfg) -> tuple[torch.nn.Module, Any, dict, str]:
         raise UserError(f"the tokenizer has {tok.vocab_size} tokens but the model only {model.args.vocab_size}: "
                         f"use the tokenizer the model was trained with")
     return model, tok, meta or {}, step_dir
-
-
-def make_sampler(temperature: float, top_p: float, top_k: int, vocab_size: int,
-                 generator: torch.Generator | None) -> Callable[[torch.Tensor], torch.Tensor]:
-    from generate import sample_next
-
-    def sample(logits: torch.Tensor) -> torch.Tensor:
-        return sample_next(logits[..., :vocab_size], temperature, top_p, top_k, generator)
-
-    return sample
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Terminal chat
-
-
-def chat_loop(model: torch.nn.Module, tok, cfg, read: Callable[[str], str] = input, out=sys.stdout) -> None:
-    """The conversation: read a line, stream the reply, repeat. /reset forgets the conversation, /exit or end of
-    input ends it."""
-    fmt = ChatFormat(tok)
-    device = next(model.parameters()).device
-    limit = min(cfg.max_seq_len or model.args.max_seq_len, model.args.max_seq_len)
-    max_new = min(cfg.num_tokens_to_generate, limit - 8)
-    if max_new < 1:
-        raise UserError(f"the context of {limit} tokens leaves no room for a reply")
-    generator = torch.Generator(device=device).manual_seed(cfg.seed)
-    sample = make_sampler(cfg.temperature, cfg.top_p, cfg.top_k, tok.vocab_size, generator)
-    system = [{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt else []
-    messages = list(system)
-    out.write(f"Chatting with {cfg.save_file_name} ({tok.kind} tokenizer). /reset starts over, /exit quits.\n")
-    out.flush()
-    while True:
-        try:
-            line = read("you> ")
-        except (EOFError, KeyboardInterrupt):
-            out.write("\n")
-            return
-        text = line.strip()
-        if not text:
-            continue
-        if text == "/exit":
-            return
-        if text == "/reset":
-            messages = list(system)
-            out.write("(conversation reset)\n")
-            out.flush()
-            continue
-        messages.append({"role": "user", "content": line})
-        messages, prompt = fit_history(fmt, messages, limit - max_new)
-        out.write("assistant> ")
-        out.flush()
-        stream = TextStream(tok)
-        for token in stream_tokens(model, prompt, max_new, fmt.stop_ids, sample):
-            piece = stream.add(token)
-            if piece:
-                out.write(piece)
-                out.flush()
-        out.write(stream.add(None, final=True) + "\n")
-        out.flush()
-        messages.append({"role": "assistant", "content": stream.text})
-
-
-def main_chat(cfg) -> None:
-    """generate.py --chat: load the checkpoint and talk to it in the terminal."""
-    torch.manual_seed(cfg.seed)
-    model, tok, _, _ = load_chat_model(cfg)
-    ChatFormat(tok)  # a tokenizer without chat tokens stops here, before the first prompt
-    try:
-        import readline  # noqa: F401  (line editing and history for input())
-    except ImportError:
-        pass
-    chat_loop(model, tok, cfg)

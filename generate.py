@@ -278,11 +278,84 @@ class StreamPrinter:
             self.printed += new
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Terminal chat (--chat): the template and the reply stream come from chat.py
+
+
+def make_sampler(temperature: float, top_p: float, top_k: int, vocab_size: int,
+                 generator: torch.Generator | None) -> Callable[[torch.Tensor], torch.Tensor]:
+    def sample(logits: torch.Tensor) -> torch.Tensor:
+        return sample_next(logits[..., :vocab_size], temperature, top_p, top_k, generator)
+
+    return sample
+
+
+def chat_loop(model: torch.nn.Module, tok, cfg, read: Callable[[str], str] = input, out=sys.stdout) -> None:
+    """The conversation: read a line, stream the reply, repeat. /reset forgets the conversation, /exit or end of
+    input ends it."""
+    from chat import ChatFormat, TextStream, fit_history, stream_tokens
+
+    fmt = ChatFormat(tok)
+    device = next(model.parameters()).device
+    limit = min(cfg.max_seq_len or model.args.max_seq_len, model.args.max_seq_len)
+    max_new = min(cfg.num_tokens_to_generate, limit - 8)
+    if max_new < 1:
+        raise UserError(f"the context of {limit} tokens leaves no room for a reply")
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    sample = make_sampler(cfg.temperature, cfg.top_p, cfg.top_k, tok.vocab_size, generator)
+    system = [{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt else []
+    messages = list(system)
+    out.write(f"Chatting with {cfg.save_file_name} ({tok.kind} tokenizer). /reset starts over, /exit quits.\n")
+    out.flush()
+    while True:
+        try:
+            line = read("you> ")
+        except (EOFError, KeyboardInterrupt):
+            out.write("\n")
+            return
+        text = line.strip()
+        if not text:
+            continue
+        if text == "/exit":
+            return
+        if text == "/reset":
+            messages = list(system)
+            out.write("(conversation reset)\n")
+            out.flush()
+            continue
+        messages.append({"role": "user", "content": line})
+        messages, prompt = fit_history(fmt, messages, limit - max_new)
+        out.write("assistant> ")
+        out.flush()
+        stream = TextStream(tok)
+        for token in stream_tokens(model, prompt, max_new, fmt.stop_ids, sample):
+            piece = stream.add(token)
+            if piece:
+                out.write(piece)
+                out.flush()
+        out.write(stream.add(None, final=True) + "\n")
+        out.flush()
+        messages.append({"role": "assistant", "content": stream.text})
+
+
+def main_chat(cfg) -> None:
+    """generate.py --chat: load the checkpoint and talk to it in the terminal."""
+    from chat import ChatFormat, load_chat_model
+
+    torch.manual_seed(cfg.seed)
+    model, tok, _, _ = load_chat_model(cfg)
+    ChatFormat(tok)  # a tokenizer without chat tokens stops here, before the first prompt
+    try:
+        import readline  # noqa: F401  (line editing and history for input())
+    except ImportError:
+        pass
+    chat_loop(model, tok, cfg)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     cfg: GenerateConfig = parse_config(GenerateConfig, argv, description=__doc__.split("\n\n")[0])
-    if cfg.chat:  # the multi-turn terminal chat lives in chat.py
-        import chat
-        return chat.main_chat(cfg)
+    if cfg.chat:
+        return main_chat(cfg)
     texts = read_prompts(cfg)
 
     import tokenizer as tokenizer_mod
