@@ -14,7 +14,7 @@ import os
 import sys
 import sysconfig
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 from common import first_line
 from config import DatasetOptions, UserError
@@ -165,3 +165,32 @@ def iter_documents(opts: DatasetOptions, skipped: dict[str, int] | None = None) 
         if count:
             print(f"warning: skipped {count:,} of the {rows_read:,} rows read from '{source}' "
                   f"({_describe_skipped(skipped, opts.text_column)})", file=sys.stderr, flush=True)
+
+
+def read_rows(source: str, subset: str = "", split: str = "train", what: str = "rows") -> list[dict[str, Any]]:
+    """Every row of a table dataset (the post-training stages' pairs and prompts): a local .jsonl/.json/.parquet
+    file or folder, or a hub id. `what` names the rows in errors."""
+    import datasets
+
+    path = Path(source)
+    try:
+        if path.exists():
+            files = _local_files(path)
+            loader = LOCAL_LOADERS[files[0].suffix.lower()]
+            if loader == "text":
+                raise UserError(f"'{source}' is plain text; {what} need .jsonl or .parquet rows")
+            data = datasets.load_dataset(loader, data_files=[str(f) for f in files], split="train")
+        elif source.startswith((".", "/", "~")) or path.suffix.lower() in (".jsonl", ".json", ".parquet"):
+            raise UserError(f"dataset path '{source}' does not exist")
+        else:
+            import huggingface_hub
+
+            huggingface_hub.utils.logging.set_verbosity_error()
+            data = datasets.load_dataset(source, name=subset or None, split=split)
+    except UserError:
+        raise
+    except Exception as error:  # datasets/hub raise many types: one line
+        raise UserError(f"could not read {what} '{source}' ({type(error).__name__}: "
+                        f"{first_line(error)}); pass a local .jsonl/.parquet file, a reachable hub id, or "
+                        f"'builtin'") from None
+    return [dict(row) for row in data]

@@ -30,13 +30,13 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from config import UserError
+from train import count_batches_in_examples, load_stage_tokenizer, reference_model, run_stage, token_logps
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
 
@@ -123,8 +123,6 @@ def collate(pairs: Sequence[Pair], pad_id: int) -> dict[str, torch.Tensor]:
 
 def sequence_logps(model: torch.nn.Module, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Summed log-probability of each row's target tokens [B] (fp32 or wider)."""
-    from rl import token_logps
-
     return token_logps(model, tokens, targets).sum(dim=-1)
 
 
@@ -196,6 +194,13 @@ def load_chat_format(tok):
     return chat.ChatFormat(tok)
 
 
+def read_rows(source: str, subset: str = "", split: str = "train") -> list[dict[str, Any]]:
+    """Every row of a preference dataset: 'builtin', a local .jsonl/.json/.parquet file or folder, or a hub id."""
+    import corpus
+
+    return builtin_rows() if source == "builtin" else corpus.read_rows(source, subset, split, "preference pairs")
+
+
 def builtin_rows(task: str = "add2", count: int = 4000, seed: int = 0) -> list[dict[str, str]]:
     """Preference pairs from the built-in addition task: the right sum chosen, a near miss (one digit changed)
     rejected; deterministic. Training problems only; the held-out split is taken from these rows."""
@@ -209,41 +214,6 @@ def builtin_rows(task: str = "add2", count: int = 4000, seed: int = 0) -> list[d
         digits[i] = rng.choice([d for d in "0123456789" if d != digits[i] and (i or d != "0" or len(digits) == 1)])
         rows.append({"prompt": problem.prompt, "chosen": problem.answer, "rejected": "".join(digits)})
     return rows
-
-
-def read_rows(source: str, subset: str = "", split: str = "train") -> list[dict[str, Any]]:
-    """Every row of a preference dataset: 'builtin', a local .jsonl/.json/.parquet file or folder, or a hub id."""
-    if source == "builtin":
-        return builtin_rows()
-    import datasets
-
-    path = Path(source)
-    try:
-        if path.exists():
-            from corpus import LOCAL_LOADERS, _local_files
-
-            files = _local_files(path)
-            loader = LOCAL_LOADERS[files[0].suffix.lower()]
-            if loader == "text":
-                raise UserError(f"'{source}' is plain text; preference pairs need .jsonl or .parquet rows with "
-                                f"prompt/chosen/rejected")
-            data = datasets.load_dataset(loader, data_files=[str(f) for f in files], split="train")
-        elif source.startswith((".", "/", "~")) or path.suffix.lower() in (".jsonl", ".json", ".parquet"):
-            raise UserError(f"dataset path '{source}' does not exist")
-        else:
-            import huggingface_hub
-
-            huggingface_hub.utils.logging.set_verbosity_error()
-            data = datasets.load_dataset(source, name=subset or None, split=split)
-    except UserError:
-        raise
-    except Exception as error:  # datasets/hub raise many types: one line
-        from common import first_line
-
-        raise UserError(f"could not read preference data '{source}' ({type(error).__name__}: "
-                        f"{first_line(error)}); pass a local .jsonl/.parquet file, a reachable hub id, or "
-                        f"'builtin'") from None
-    return [dict(row) for row in data]
 
 
 def encode_rows(tok, rows: Sequence[dict[str, Any]], max_len: int) -> tuple[list[Pair], int]:
@@ -300,78 +270,6 @@ def reference_logps(model: torch.nn.Module, pairs: Sequence[Pair], pad_id: int, 
 # ----------------------------------------------------------------------------------------------------------------
 # Stage plumbing shared with rl.py: the tokenizer and architecture of the starting model, batches counted in
 # examples, the frozen reference
-
-
-def stored_meta(cfg) -> dict[str, Any] | None:
-    """The meta (model_args, tokenizer) of the model this run continues: its own latest checkpoint when resuming,
-    else --init_from (a checkpoint or a HF folder); None for a new model."""
-    import checkpoint
-
-    root = Path(cfg.save_file_name)
-    if cfg.resume and root.is_dir():
-        found = checkpoint.find_checkpoint(root, (checkpoint.read_run(root) or {}).get("run_id"))
-        if found is not None:
-            return checkpoint.read_meta(found)
-    if cfg.init_from:
-        from hf_interop import load_any_model
-
-        return load_any_model(cfg.init_from)[1]  # memory-mapped weights: the meta is what is read
-    return None
-
-
-def load_stage_tokenizer(cfg):
-    """The tokenizer of the starting model (the one it records, checked by fingerprint), or the options' one."""
-    import tokenizer as tokenizer_lib
-
-    meta = stored_meta(cfg)
-    if meta is None:
-        return tokenizer_lib.load_tokenizer(cfg)
-    return tokenizer_lib.load_recorded_tokenizer(cfg, meta.get("tokenizer"), cfg.init_from or cfg.save_file_name)
-
-
-def count_batches_in_examples(cfg, overrides: dict[str, Any]) -> None:
-    """Preference pairs and prompts are counted in examples, not tokens: --total_batch_size is examples per
-    optimizer step (0: one micro-batch of --batch_size per rank). The core plans its micro-steps in tokens, so the
-    count is turned into padded tokens of --seq_len (0: the model's max_seq_len), which caps every sequence."""
-    import os
-
-    from config import model_args_from_preset
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if cfg.seq_len == 0:
-        meta = stored_meta(cfg)
-        if "max_seq_len" in overrides:
-            cfg.seq_len = int(overrides["max_seq_len"])
-        elif meta is not None:
-            cfg.seq_len = int(meta["model_args"]["max_seq_len"])
-        else:
-            cfg.seq_len = model_args_from_preset(cfg.model).max_seq_len
-    per_step = cfg.total_batch_size or cfg.batch_size * world
-    if per_step % (cfg.batch_size * world):
-        raise UserError(f"--total_batch_size {per_step} (examples per step) is not a multiple of --batch_size x "
-                        f"ranks = {cfg.batch_size * world}; use {cfg.batch_size * world * max(1, per_step // (cfg.batch_size * world))}")
-    cfg.examples_per_step = per_step
-    cfg.total_batch_size = per_step * cfg.seq_len
-
-
-def reference_model(run) -> torch.nn.Module:
-    """A frozen copy of the --init_from weights (also when resuming: the reference never moves)."""
-    from hf_interop import load_any_model
-    from train import build_model
-
-    if not run.cfg.init_from:
-        raise UserError(f"{Path(__import__('sys').argv[0]).name} needs --init_from (the model to tune, which is "
-                        f"also the reference); resume with the same --init_from")
-    model = build_model(run.args, run.dist.device)
-    if run.init_state is not None:
-        model.load_state_dict(run.init_state, strict=True)
-    else:
-        loaded, _ = load_any_model(run.cfg.init_from, device="cpu")
-        model.load_state_dict(loaded.state_dict(), strict=True)
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -487,8 +385,6 @@ class DPOTask:
 
 def main(argv: list[str] | None = None) -> None:
     from config import DPOConfig, parse_config
-    from train import run_stage
-
     cfg, overrides = parse_config(DPOConfig, argv, description=__doc__.split("\n\n")[0], with_model_args=True)
     count_batches_in_examples(cfg, overrides)
     run_stage(cfg, overrides, DPOTask, load_stage_tokenizer)

@@ -30,6 +30,8 @@ from typing import Any, Callable, Sequence
 import torch
 
 from config import UserError
+from train import (count_batches_in_examples, load_stage_tokenizer, mean_over_ranks, reference_model, run_stage,
+                   token_logps)
 
 RewardFn = Callable[[str, str, "str | None"], float]
 
@@ -73,30 +75,6 @@ def grpo_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Te
     per_sequence = (per_token * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
     stats["clip_frac"] = (((unclipped - clipped).abs() > 0).to(mask.dtype) * mask).sum().detach() / tokens
     return per_sequence.mean(), stats
-
-
-def token_logps(model: torch.nn.Module, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Log-probability of each target token [B, T] (0 where the target is -1) from the model's forward: the fused
-    per-token NLL (reduction='none') when the model has it, full logits otherwise."""
-    if _has_reduction(model):
-        return -model(tokens, targets, reduction="none")
-    logits = model(tokens)                                                   # [B, T, V]
-    if logits.dtype in (torch.float16, torch.bfloat16):  # log-softmax in fp32 at least
-        logits = logits.float()
-    safe = targets.clamp(min=0)
-    logp = torch.log_softmax(logits, dim=-1).gather(-1, safe.unsqueeze(-1)).squeeze(-1)
-    return logp.masked_fill(targets < 0, 0.0)
-
-
-def _has_reduction(model: torch.nn.Module) -> bool:
-    import inspect
-
-    inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None) or model
-    inner = getattr(inner, "_orig_mod", inner)
-    try:
-        return "reduction" in inspect.signature(inner.forward).parameters
-    except (TypeError, ValueError):
-        return False
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -172,7 +150,7 @@ def read_prompts(source: str, task: str, subset: str = "", split: str = "train",
 
     if source == "builtin":
         return [(p.prompt, p.answer) for p in tasks.problems(task, "train")]
-    from dpo import read_rows
+    from corpus import read_rows
 
     rows = read_rows(source, subset, split)
     if not rows:
@@ -357,8 +335,6 @@ class GRPOTask:
     def __init__(self, run) -> None:
         import tasks
         from common import autocast_context
-        from dpo import reference_model
-
         cfg, d, tok = run.cfg, run.dist, run.tokenizer
         self.cfg, self.tok = cfg, tok
         self.reward_fn, reward_name = load_reward(cfg.reward)
@@ -409,8 +385,6 @@ def evaluate_prompts(run, items: Sequence[tuple[str, str | None]], reward_fn: Re
     and completion length over all of them."""
     import tasks
     from generate import generate
-    from train import mean_over_ranks
-
     d, tok, model = run.dist, run.tokenizer, run.raw
     mine = list(items)[d.rank::d.world_size]
     rewards: list[float] = []
@@ -437,9 +411,6 @@ def evaluate_prompts(run, items: Sequence[tuple[str, str | None]], reward_fn: Re
 
 def main(argv: list[str] | None = None) -> None:
     from config import GRPOConfig, parse_config
-    from dpo import count_batches_in_examples, load_stage_tokenizer
-    from train import run_stage
-
     cfg, overrides = parse_config(GRPOConfig, argv, description=__doc__.split("\n\n")[0], with_model_args=True)
     count_batches_in_examples(cfg, overrides)
     run_stage(cfg, overrides, GRPOTask, load_stage_tokenizer)

@@ -220,7 +220,7 @@ class TaskSFT:
 
 def main(argv=None) -> None:
     from config import TaskSFTConfig, parse_config
-    from dpo import count_batches_in_examples, load_stage_tokenizer
+    from train import count_batches_in_examples, load_stage_tokenizer
     from train import run_stage
 
     cfg, overrides = parse_config(TaskSFTConfig, argv, description=__doc__.split("\n\n")[0],

@@ -894,6 +894,105 @@ def run_stage(cfg: TrainConfig, overrides: dict[str, Any], make_task: Any, load_
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# What the post-training stages share (sft.py, dpo.py, rl.py, tasks.py)
+
+
+def token_logps(model: torch.nn.Module, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Log-probability of each target token [B, T] (0 where the target is -1) from the model's forward: the fused
+    per-token NLL (reduction='none') when the model has it, full logits otherwise."""
+    if _has_reduction(model):
+        return -model(tokens, targets, reduction="none")
+    logits = model(tokens)                                                   # [B, T, V]
+    if logits.dtype in (torch.float16, torch.bfloat16):  # log-softmax in fp32 at least
+        logits = logits.float()
+    safe = targets.clamp(min=0)
+    logp = torch.log_softmax(logits, dim=-1).gather(-1, safe.unsqueeze(-1)).squeeze(-1)
+    return logp.masked_fill(targets < 0, 0.0)
+
+
+def _has_reduction(model: torch.nn.Module) -> bool:
+    import inspect
+
+    inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None) or model
+    inner = getattr(inner, "_orig_mod", inner)
+    try:
+        return "reduction" in inspect.signature(inner.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def stored_meta(cfg) -> dict[str, Any] | None:
+    """The meta (model_args, tokenizer) of the model this run continues: its own latest checkpoint when resuming,
+    else --init_from (a checkpoint or a HF folder); None for a new model."""
+    import checkpoint
+
+    root = Path(cfg.save_file_name)
+    if cfg.resume and root.is_dir():
+        found = checkpoint.find_checkpoint(root, (checkpoint.read_run(root) or {}).get("run_id"))
+        if found is not None:
+            return checkpoint.read_meta(found)
+    if cfg.init_from:
+        from hf_interop import load_any_model
+
+        return load_any_model(cfg.init_from)[1]  # memory-mapped weights: the meta is what is read
+    return None
+
+
+def load_stage_tokenizer(cfg):
+    """The tokenizer of the starting model (the one it records, checked by fingerprint), or the options' one."""
+    import tokenizer as tokenizer_lib
+
+    meta = stored_meta(cfg)
+    if meta is None:
+        return tokenizer_lib.load_tokenizer(cfg)
+    return tokenizer_lib.load_recorded_tokenizer(cfg, meta.get("tokenizer"), cfg.init_from or cfg.save_file_name)
+
+
+def count_batches_in_examples(cfg, overrides: dict[str, Any]) -> None:
+    """Preference pairs and prompts are counted in examples, not tokens: --total_batch_size is examples per
+    optimizer step (0: one micro-batch of --batch_size per rank). The core plans its micro-steps in tokens, so the
+    count is turned into padded tokens of --seq_len (0: the model's max_seq_len), which caps every sequence."""
+    import os
+
+    from config import model_args_from_preset
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if cfg.seq_len == 0:
+        meta = stored_meta(cfg)
+        if "max_seq_len" in overrides:
+            cfg.seq_len = int(overrides["max_seq_len"])
+        elif meta is not None:
+            cfg.seq_len = int(meta["model_args"]["max_seq_len"])
+        else:
+            cfg.seq_len = model_args_from_preset(cfg.model).max_seq_len
+    per_step = cfg.total_batch_size or cfg.batch_size * world
+    if per_step % (cfg.batch_size * world):
+        raise UserError(f"--total_batch_size {per_step} (examples per step) is not a multiple of --batch_size x "
+                        f"ranks = {cfg.batch_size * world}; use {cfg.batch_size * world * max(1, per_step // (cfg.batch_size * world))}")
+    cfg.examples_per_step = per_step
+    cfg.total_batch_size = per_step * cfg.seq_len
+
+
+def reference_model(run) -> torch.nn.Module:
+    """A frozen copy of the --init_from weights (also when resuming: the reference never moves)."""
+    from hf_interop import load_any_model
+
+    if not run.cfg.init_from:
+        raise UserError(f"{Path(__import__('sys').argv[0]).name} needs --init_from (the model to tune, which is "
+                        f"also the reference); resume with the same --init_from")
+    model = build_model(run.args, run.dist.device)
+    if run.init_state is not None:
+        model.load_state_dict(run.init_state, strict=True)
+    else:
+        loaded, _ = load_any_model(run.cfg.init_from, device="cpu")
+        model.load_state_dict(loaded.state_dict(), strict=True)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Pretraining: next-token prediction over token shards
 
 

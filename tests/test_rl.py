@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import rl
+import train
 import tasks
 from config import UserError
 
@@ -107,7 +108,7 @@ def test_token_logps_match_cross_entropy():
     tokens = torch.randint(0, 50, (3, 9))
     targets = torch.randint(0, 50, (3, 9))
     targets[0, :4] = -1
-    got = rl.token_logps(model, tokens, targets)
+    got = train.token_logps(model, tokens, targets)
     logits = model(tokens)
     nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, ignore_index=-1, reduction="none")
     torch.testing.assert_close(got, -nll, atol=1e-10, rtol=0)
