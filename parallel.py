@@ -46,18 +46,21 @@ def launched_by_torchrun() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ or ("RANK" in os.environ and "MASTER_ADDR" in os.environ)
 
 
-def check_setup(parallel: str, dtype: str = "auto") -> None:
+def check_setup(parallel: str, dtype: str = "auto", optimizer: str = "adamw") -> None:
     """One-line errors for setups FSDP cannot run, before any process group exists: no torchrun (FSDP needs a
     process group, even of one rank), fp16 (its gradient scaler does not handle sharded gradients; bf16 needs
-    none)."""
+    none), Muon (its Newton-Schulz step needs whole matrices, and each rank holds a shard)."""
     if parallel != "fsdp":
         return
-    if not launched_by_torchrun():
-        raise UserError("--parallel fsdp needs torchrun: launch with torchrun --nproc_per_node=N train.py "
-                        "--parallel fsdp ... (also for N=1), or train in one process with --parallel ddp")
     if dtype == "fp16":
         raise UserError("--parallel fsdp does not support --dtype fp16 (its gradient scaler cannot unscale sharded "
                         "gradients); use --dtype bf16 or fp32")
+    if optimizer == "muon":
+        raise UserError("--parallel fsdp does not support --optimizer muon yet (Muon orthogonalises whole matrices; "
+                        "each rank holds a shard); pass --optimizer adamw, or train with --parallel ddp")
+    if not launched_by_torchrun():
+        raise UserError("--parallel fsdp needs torchrun: launch with torchrun --nproc_per_node=N train.py "
+                        "--parallel fsdp ... (also for N=1), or train in one process with --parallel ddp")
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -863,7 +863,7 @@ def run_stage(cfg: TrainConfig, overrides: dict[str, Any], make_task: Any, load_
     """main() of a training script: distributed setup, tokenizer, prepare, the stage's task, restore, wrap, fit,
     teardown. A user mistake on any rank is reported once (by rank 0); a rank whose peer died reports one line."""
     try:
-        parallel.check_setup(cfg.parallel, cfg.dtype)
+        parallel.check_setup(cfg.parallel, cfg.dtype, cfg.optimizer)
     except UserError:
         if int(os.environ.get("RANK", "0")) != 0:  # every rank hits the same mistake: report it once
             raise SystemExit(1)
@@ -1023,10 +1023,12 @@ class PretrainTask:
             return {}
         from data_loader import bits_per_byte, bytes_per_token
 
-        # ranks split one fixed set of eval_steps x batch_size windows: the figure does not depend on world size
-        steps = run.cfg.eval_steps
-        results = evaluate_loss(run, self.val_loader.eval_batches(steps), self.loss,
-                                total=math.ceil(steps / run.dist.world_size))
+        # ranks split one fixed set of eval_steps x batch_size windows: the figure does not depend on world size.
+        # Under FSDP every forward is a collective, so every rank must run as many: each evaluates the whole set
+        steps, d = run.cfg.eval_steps, run.dist
+        split = not parallel.is_fsdp(run.raw)
+        batches = self.val_loader.eval_batches(steps, *((d.rank, d.world_size) if split else (0, 1)))
+        results = evaluate_loss(run, batches, self.loss, total=math.ceil(steps / d.world_size) if split else steps)
         out = {"val_loss": results["loss"]}
         ratio = bytes_per_token(run.cfg.data_file_name, "val")
         if ratio:

@@ -313,7 +313,7 @@ def common_args(corpus: Path, save: Path, *extra: str) -> list[str]:
     return ["--tokenizer_path", str(corpus / "tokenizer"), "--data_file_name", str(corpus / "data"),
             "--save_file_name", str(save), "--seq_len", "32", "--dtype", "fp32", "--device", "cpu",
             "--total_batch_size", "256", "--warm_up", "5", "--lr", "3e-3", "--eval_rate", "10", "--eval_steps", "2",
-            "--seed", "7", "--quiet", *extra]
+            "--seed", "7", "--quiet", "--optimizer", "adamw", *extra]
 
 
 # 2 ranks x 2 sequences x 2 micro-steps (gradient sync on the second only) against 1 process x 4 sequences x 2
@@ -430,11 +430,12 @@ def launch_ranks(world: int, *args: str, timeout: float = 300) -> list:
 
 
 def test_fsdp_without_torchrun_is_a_one_line_error(corpus: Path, tmp_path: Path) -> None:
-    for extra in (["--parallel", "fsdp"], ["--parallel", "fsdp", "--dtype", "fp16"]):
+    for extra, needle in ((["--parallel", "fsdp"], "torchrun"), (["--parallel", "fsdp", "--dtype", "fp16"], "--dtype bf16"),
+                          (["--parallel", "fsdp", "--optimizer", "muon"], "--optimizer adamw")):
         r = run_script("train.py", *common_args(corpus, tmp_path / "x", *SMALL, "--batch_size", "4"), *extra,
                        env=ONE_THREAD)
         assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1, r.stderr
-        assert "torchrun" in r.stderr
+        assert needle in r.stderr
         assert not (tmp_path / "x").exists()
 
 
