@@ -6,20 +6,36 @@ import contextlib
 import os
 import shutil
 from pathlib import Path
-from typing import IO, Any, Callable, Iterator
-
-import torch
+from typing import IO, TYPE_CHECKING, Any, Callable, Iterator
 
 from config import UserError
+
+if TYPE_CHECKING:
+    import torch
 
 # ----------------------------------------------------------------------------------------------------------------
 # Device and dtype
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# torch is imported where it is used: the text and data scripts use this module's file helpers and never need it
+DTYPE_NAMES = ("fp32", "bf16", "fp16")
 
 
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+def torch_dtype(name: str) -> "torch.dtype":
+    import torch
+
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "DTYPES":  # common.DTYPES: {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+        return {n: torch_dtype(n) for n in DTYPE_NAMES}
+    raise AttributeError(f"module 'common' has no attribute {name!r}")
+
+
+def resolve_device(name: str, local_rank: int = 0) -> "torch.device":
     """'auto' | 'cpu' | 'cuda' | 'cuda:N' -> a torch.device; under torchrun 'cuda' means this rank's GPU."""
+    import torch
+
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
@@ -35,23 +51,27 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     return device
 
 
-def resolve_dtype(name: str, device: torch.device) -> str:
+def resolve_dtype(name: str, device: "torch.device") -> str:
     """'auto' -> bf16 on GPUs that support it and fp32 elsewhere (bf16 matmuls are far slower than fp32 on most
     CPUs); other names are returned as they are after a check."""
+    import torch
+
     if name == "auto":
         return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-    if name not in DTYPES:
-        raise UserError(f"unknown dtype '{name}'; use one of auto, {', '.join(DTYPES)}")
+    if name not in DTYPE_NAMES:
+        raise UserError(f"unknown dtype '{name}'; use one of auto, {', '.join(DTYPE_NAMES)}")
     if name == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise UserError("this GPU does not support bf16; use --dtype fp16 or fp32")
     return name
 
 
-def autocast_context(dtype: str, device: torch.device) -> contextlib.AbstractContextManager:
+def autocast_context(dtype: str, device: "torch.device") -> contextlib.AbstractContextManager:
     """Mixed precision for a compute dtype name: nothing for fp32, torch.autocast otherwise."""
+    import torch
+
     if dtype == "fp32":
         return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=DTYPES[dtype])
+    return torch.autocast(device_type=device.type, dtype=torch_dtype(dtype))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -143,6 +163,39 @@ def atomic_folder(final: Path | str, flag: str = "") -> Iterator[Path]:
         raise UserError(f"cannot write '{final}' ({first_line(error)}); {hint}") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_destination(final: Path | str, flag: str) -> None:
+    """Before any long work: the folder `final` that atomic_folder will write is not a file, and the nearest
+    existing folder above it is writable. Creates nothing; a problem is a one-line UserError naming `flag`."""
+    final = Path(final)
+    if final.exists() and not final.is_dir():
+        raise UserError(f"{flag} '{final}' is a file, not a folder; choose another path")
+    parent = final.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write to '{parent}' (where {flag} '{final}' would go); choose a writable {flag}")
+
+
+def recover_atomic_folder(final: Path | str) -> None:
+    """Clean up after an atomic_folder(final) whose process was killed: remove its partial `.tmp_*` folder and,
+    should it have died between its two renames (final moved aside, the new one not yet in place), move the old
+    folder back. Folders of live processes are left alone."""
+    import re
+
+    final = Path(final)
+    if not final.parent.is_dir():
+        return
+    pattern = re.compile(rf"{re.escape(TMP_PREFIX)}(old_)?{re.escape(final.name)}_(\d+)")
+    for path in sorted(final.parent.iterdir()):
+        match = pattern.fullmatch(path.name)
+        if match is None or pid_alive(int(match.group(2))):
+            continue
+        if match.group(1) and not final.exists():
+            os.replace(path, final)
+        else:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def pid_alive(pid: int) -> bool:

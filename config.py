@@ -146,10 +146,9 @@ class ModelArgs(Options):
 
 
 # Named presets: a preset is a set of ModelArgs overrides; any field can still be overridden by its own flag.
-# DeepSeek-V3's sigmoid router (so the models export to HF's DeepseekV3). Its bias step of 0.001 balances over
-# DeepSeek's very long runs; in a run of a few hundred steps the router collapses onto top-k experts (load max/mean
-# ~3.9 of a possible 4 for 2-of-8, from step 10 to the end of a 150-step tiny run) before the bias catches up, while
-# 0.01 brings it back to ~1.2 by step 70 with the same validation loss.
+# DeepSeek-V3's sigmoid router (so the models export to HF's DeepseekV3), with a bias step ten times DeepSeek's:
+# 0.001 balances over very long runs, but in a run of a few hundred steps the router collapses onto its top-k
+# experts before the bias catches up (measurements in the README's MoE bullet).
 SMALL_MOE_ROUTING: dict[str, Any] = dict(score_func="sigmoid", bias_update_speed=0.01)
 
 # From small-moe up, the latent cache (kv_lora_rank + qk_rope_head_dim numbers per token and layer) is 3/32 of the
@@ -167,7 +166,7 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
     "small-moe": dict(dim=256, inter_dim=1024, moe_inter_dim=256, n_layers=4, n_dense_layers=1, n_heads=8,
                       max_seq_len=256, kv_lora_rank=32, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
                       n_routed_experts=8, n_shared_experts=1, n_activated_experts=2, **SMALL_MOE_ROUTING),
-    # 27M parameters without the embedding (36M with a 32k vocabulary): more experts, a bit deeper
+    # 27M parameters without the embedding (35M with a 32k vocabulary): more experts, a bit deeper
     "moe-30m": dict(dim=256, inter_dim=1024, moe_inter_dim=256, n_layers=6, n_dense_layers=1, n_heads=8,
                     max_seq_len=512, kv_lora_rank=32, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
                     n_routed_experts=16, n_shared_experts=1, n_activated_experts=2, **SMALL_MOE_ROUTING),
@@ -228,11 +227,15 @@ class TokenizerOptions(Options):
 class TrainTokenizerConfig(DatasetOptions):
     """Options of train_tokenizer.py."""
 
-    vocab_size: int = opt(32768, "vocabulary size of the trained tokenizer, special tokens included", ge=256,
+    # the lower bound (256 byte tokens + the reserved special tokens) is checked by train_tokenizer.py, which knows
+    # the special tokens
+    vocab_size: int = opt(32768, "vocabulary size of the trained tokenizer, special tokens included", ge=1,
                           le=2**24)
     tokenizer_train_shard_size: int = opt(10_000_000, "characters of text to train on (streamed up to this many)", ge=1)
     min_frequency: int = opt(2, "minimum pair frequency for a merge", ge=1)
     output_path: str = opt("tokenizer", "folder to write tokenizer.json and its metadata into")
+    overwrite: bool = opt(False, "replace the tokenizer already in --output_path (datasets and checkpoints made "
+                                 "with it will no longer match it)")
 
 
 @dataclass
@@ -241,10 +244,15 @@ class TokenizeDataConfig(DatasetOptions, TokenizerOptions):
 
     data_file_name: str = opt("data", "output folder for the .npy token shards")
     encoded_dataset_shard_size: int = opt(10_000_000, "tokens per shard", ge=1, le=2**31)
-    val_tokens: int = opt(0, "tokens held out for validation; 0 means the first shard is the validation split", ge=0)
+    val_tokens: int = opt(0, "tokens held out for validation, whole documents chosen by a seeded hash of their "
+                             "position (spread over the whole source); 0 means --val_fraction of the data, at most "
+                             "one shard", ge=0)
+    val_fraction: float = opt(0.1, "share of the tokens held out for validation when --val_tokens is 0 (capped at "
+                                   "--encoded_dataset_shard_size tokens)", gt=0, le=0.5)
+    val_seed: int = opt(0, "seed of the validation document selection", ge=0, le=2**63 - 1)
     max_tokens: int = opt(0, "stop after this many tokens (0 = no limit)", ge=0)
     max_documents: int = opt(0, "stop after this many documents (0 = no limit)", ge=0)
-    num_workers: int = opt(0, "encoding threads (Rust); 0 means one per CPU core", ge=0)
+    num_workers: int = opt(0, "encoding threads (Rust); 0 means one per CPU core this process may use", ge=0)
     overwrite: bool = opt(False, "replace the shards already in --data_file_name")
     encoder: str = opt("auto", "encoding engine: the tokenizer's own Rust encode_batch ('tokenizers'), or tiktoken "
                                "for Mistral's tekken vocabulary (same ids, checked on the first documents, several "
@@ -301,12 +309,129 @@ class TrainConfig(TokenizerOptions):
     backend: str = opt("inductor", "torch.compile backend")
     shuffle: bool = opt(True, "shuffle the order of training windows (seeded)")
     resume: bool = opt(True, "continue from the latest checkpoint in --save_file_name when there is one")
+    overwrite: bool = opt(False, "with --resume=False, replace the run already in --save_file_name (its files are "
+                                 "set aside and removed once this run has saved its final checkpoint)")
     init_from: str = opt("", "start from these weights: a checkpoint folder or a HF DeepseekV3 model folder")
     log_file: str = opt("", "JSONL log path; empty means <save_file_name>/log.jsonl")
     log_every: int = opt(1, "print a progress line every this many steps (the JSONL log gets every step)", ge=1)
     quiet: bool = opt(False, "print only the summary, evaluations, checkpoints and errors")
     peak_flops: float = opt(0.0, "peak FLOP/s per device for MFU; 0 means the GPU's table value (bf16/fp16) or "
                                  "the matmul rate measured at startup", ge=0)
+    parallel: str = opt("ddp", "data parallelism under torchrun: ddp keeps a full copy of the model, gradients and "
+                               "optimizer state on every rank; fsdp shards them across ranks (FSDP2, sharded DCP "
+                               "checkpoints; needs torchrun)", choices=("ddp", "fsdp"))
+    reshard_after_forward: bool = opt(True, "fsdp: free each block's gathered weights after its forward and gather "
+                                            "them again for backward (less memory, one more all-gather per block)")
+
+
+@dataclass
+class SFTConfig(TrainConfig):
+    """Options of sft.py: train.py's options (the same loop) plus where the conversations come from and how
+    they are cut into rows; the defaults differ where fine-tuning differs from pretraining."""
+
+    init_from: str = opt("checkpoints", "the pretrained model: a checkpoint folder or a HF DeepseekV3 model folder")
+    save_file_name: str = opt("sft_checkpoints", "checkpoint folder (training resumes from its latest checkpoint)")
+    dataset_path_huggingface: str = opt("builtin", "conversations: a HF hub dataset id, a local .jsonl/.parquet "
+                                                   "file or folder, or 'builtin' (chat_data.py, no download)")
+    dataset_sub_set: str = opt("", "HF dataset configuration (subset) name")
+    dataset_split: str = opt("train", "dataset split to read")
+    trust_remote_code: bool = opt(False, "allow the HF dataset's own loading script to run")
+    messages_column: str = opt("messages", "column holding a conversation as a list of {role, content}")
+    prompt_column: str = opt("prompt", "without a messages column: the column of the user's message")
+    response_column: str = opt("response", "without a messages column: the column of the assistant's reply")
+    max_conversations: int = opt(0, "read at most this many conversations per split (0 = all)", ge=0)
+    pack: bool = opt(True, "pack whole conversations into each row (otherwise one conversation per padded row)")
+    overlong: str = opt("truncate", "a conversation longer than a row: truncate it, or drop it",
+                        choices=("truncate", "drop"))
+    steps: int = opt(300, "optimizer steps", ge=1)
+    total_batch_size: int = opt(4096, "tokens per optimizer step, across all ranks and micro-steps", ge=1)
+    lr: float = opt(3e-4, "peak learning rate", gt=0)
+    min_lr: float = opt(3e-5, "learning rate at the end of the cosine decay", ge=0)
+    warm_up: int = opt(20, "linear warm-up steps", ge=0)
+    eval_rate: int = opt(100, "evaluate the held-out answer loss every this many steps (0 = never)", ge=0)
+
+
+@dataclass
+class TaskSFTConfig(TrainConfig):
+    """Options of tasks.py (supervised fine-tuning on a built-in task's format before rl.py)."""
+
+    task: str = opt("add2", "built-in task: its training problems with their answers", choices=("add2", "add3",
+                                                                                              "reverse"))
+    eval_problems: int = opt(500, "held-out problems per evaluation (greedy exact match)", ge=1)
+    lr: float = opt(3e-3, "peak learning rate", gt=0)
+    min_lr: float = opt(3e-3, "learning rate at the end of the cosine decay", ge=0)
+    warm_up: int = opt(20, "linear warm-up steps", ge=0)
+    weight_decay: float = opt(0.0, "AdamW weight decay (matrices only)", ge=0)
+    steps: int = opt(600, "optimizer steps", ge=1)
+    batch_size: int = opt(64, "problems per micro-batch per rank", ge=1)
+    total_batch_size: int = opt(0, "problems per optimizer step across ranks and micro-steps; 0 means one "
+                                   "micro-batch of --batch_size per rank", ge=0)
+    eval_rate: int = opt(200, "evaluate held-out accuracy every this many steps (0 = never)", ge=0)
+
+
+@dataclass
+class DPOConfig(TrainConfig):
+    """Options of dpo.py (preference tuning; the training options are train.py's)."""
+
+    dataset_path_huggingface: str = opt("builtin", "preference pairs: a HF hub dataset id, a local .jsonl/.parquet "
+                                                   "file or folder, or 'builtin' (pairs from the built-in addition "
+                                                   "task)")
+    dataset_sub_set: str = opt("", "HF dataset configuration (subset) name")
+    dataset_split: str = opt("train", "dataset split to read")
+    val_fraction: float = opt(0.05, "fraction of the pairs held out for evaluation (seeded)", ge=0, lt=1)
+    beta: float = opt(0.1, "strength of the tie to the reference model (IPO: the regularisation tau)", gt=0)
+    loss_type: str = opt("sigmoid", "preference loss", choices=("sigmoid", "ipo", "hinge", "robust"))
+    label_smoothing: float = opt(0.0, "probability that a preference label is flipped: conservative DPO with "
+                                      "sigmoid, robust DPO with robust", ge=0, lt=0.5)
+    precompute_ref: bool = opt(False, "compute the reference log-probabilities of every pair once before "
+                                      "training and free the reference model")
+    lr: float = opt(1e-5, "peak learning rate", gt=0)
+    min_lr: float = opt(1e-6, "learning rate at the end of the cosine decay", ge=0)
+    weight_decay: float = opt(0.0, "AdamW weight decay (matrices only)", ge=0)
+    warm_up: int = opt(10, "linear warm-up steps", ge=0)
+    steps: int = opt(200, "optimizer steps", ge=1)
+    batch_size: int = opt(8, "preference pairs per micro-batch per rank", ge=1)
+    total_batch_size: int = opt(0, "preference pairs per optimizer step across ranks and micro-steps; 0 means one "
+                                   "micro-batch of --batch_size per rank", ge=0)
+    eval_rate: int = opt(50, "evaluate on the held-out pairs every this many steps (0 = never)", ge=0)
+
+
+@dataclass
+class GRPOConfig(TrainConfig):
+    """Options of rl.py (GRPO with verifiable rewards; the training options are train.py's)."""
+
+    task: str = opt("add2", "built-in task used with --dataset_path_huggingface builtin: its training problems "
+                            "are the prompts and its held-out test set is the evaluation",
+                    choices=("add2", "add3", "reverse"))
+    dataset_path_huggingface: str = opt("builtin", "prompts: 'builtin' (the --task), a local .jsonl/.parquet "
+                                                   "file or folder, or a HF hub dataset id")
+    dataset_sub_set: str = opt("", "HF dataset configuration (subset) name")
+    dataset_split: str = opt("train", "dataset split to read")
+    prompt_column: str = opt("prompt", "column holding the prompt text")
+    answer_column: str = opt("answer", "column holding the reference answer passed to the reward (optional)")
+    reward: str = opt("builtin", "reward function as module:function or file.py:function, called as "
+                                 "f(prompt, completion, answer) -> float; builtin is exact match with the answer")
+    group_size: int = opt(8, "completions sampled per prompt (G)", ge=2)
+    max_new_tokens: int = opt(8, "longest completion in tokens", ge=1)
+    temperature: float = opt(1.0, "sampling temperature of the rollouts", gt=0)
+    top_p: float = opt(1.0, "nucleus sampling of the rollouts (1 disables it)", gt=0, le=1)
+    top_k: int = opt(0, "top-k sampling of the rollouts (0 disables it)", ge=0)
+    clip_eps: float = opt(0.2, "clipping range of the policy ratio", gt=0, lt=1)
+    kl_coef: float = opt(0.0, "weight of the KL penalty to the reference (the --init_from weights); 0 keeps no "
+                              "reference model", ge=0)
+    num_iterations: int = opt(1, "optimizer steps on each rollout batch (pi_old is the policy that sampled it)",
+                              ge=1)
+    val_fraction: float = opt(0.02, "fraction of non-builtin prompts held out for evaluation", ge=0, lt=1)
+    eval_problems: int = opt(500, "held-out prompts per evaluation (greedy decoding)", ge=1)
+    lr: float = opt(3e-4, "peak learning rate", gt=0)
+    warm_up: int = opt(0, "linear warm-up steps", ge=0)
+    min_lr: float = opt(3e-4, "learning rate at the end of the cosine decay", ge=0)
+    weight_decay: float = opt(0.0, "AdamW weight decay (matrices only)", ge=0)
+    steps: int = opt(300, "optimizer steps", ge=1)
+    batch_size: int = opt(16, "prompts per micro-batch per rank (each sampled group_size times)", ge=1)
+    total_batch_size: int = opt(0, "prompts per optimizer step across ranks and micro-steps; 0 means one "
+                                   "micro-batch of --batch_size per rank", ge=0)
+    eval_rate: int = opt(100, "evaluate held-out accuracy every this many steps (0 = never)", ge=0)
 
 
 @dataclass
@@ -331,6 +456,27 @@ class GenerateConfig(TokenizerOptions):
     compile_model: bool = opt(False, "torch.compile the decode step (for GPUs: on CPU the eager decode path is "
                                      "faster, see bench/bench_generate.py --compile)")
     stream: bool = opt(True, "print tokens as they are produced (single sequence only)")
+    chat: bool = opt(False, "talk to the model in the terminal with the chat template (chat.py): multi-turn, "
+                            "/reset and /exit")
+    system_prompt: str = opt("", "with --chat: a system message that starts every conversation")
+
+
+@dataclass
+class ServeConfig(TokenizerOptions):
+    """Options of serve.py (an OpenAI-compatible HTTP server and chat page for a checkpoint)."""
+
+    save_file_name: str = opt("checkpoints", "checkpoint folder (its latest checkpoint), a checkpoint, or a HF "
+                                             "DeepseekV3 model folder")
+    host: str = opt("127.0.0.1", "address to listen on; anything but localhost needs --allow_remote")
+    port: int = opt(8000, "TCP port (0 picks a free one)", ge=0, le=65535)
+    allow_remote: bool = opt(False, "allow --host to be an address other machines can reach (no authentication!)")
+    model_name: str = opt("", "the model id clients pass; empty means the checkpoint folder's name")
+    max_batch_size: int = opt(8, "sequences decoded together (continuous batching); more requests wait", ge=1)
+    max_tokens: int = opt(256, "default max_tokens of a request that gives none", ge=1)
+    system_prompt: str = opt("", "a system message put before chat requests that have none")
+    seed: int = opt(1337, "seed for requests that give none", ge=0, le=2**63 - 1)
+    dtype: str = opt("auto", "compute dtype", choices=("auto", "fp32", "bf16", "fp16"))
+    device: str = opt("auto", "cpu, cuda, or auto")
 
 
 @dataclass
@@ -345,6 +491,20 @@ class ExportConfig(TokenizerOptions):
     save_tokenizer: bool = opt(True, "also write tokenizer.json and tokenizer_config.json (the checkpoint's "
                                      "tokenizer, checked by fingerprint)")
     overwrite: bool = opt(False, "replace --output_dir when it already holds a model")
+
+
+@dataclass
+class ParallelConfig(Options):
+    """Options of parallel.py: consolidate a sharded (FSDP) checkpoint into model.safetensors, or print the memory
+    sizing table of DDP against FSDP."""
+
+    consolidate: str = opt("", "a step folder written by train.py --parallel fsdp: write its model.safetensors from "
+                               "the DCP shards")
+    sizing_table: bool = opt(False, "print the per-rank memory table (the default when --consolidate is not given)")
+    readme: str = opt("", "rewrite the sizing table between the sizing-table markers of this README file")
+    batch_size: int = opt(4, "sizing table: sequences per micro-batch per rank", ge=1)
+    seq_len: int = opt(2048, "sizing table: tokens per sequence", ge=1)
+    dtype: str = opt("bf16", "sizing table: compute dtype", choices=("fp32", "bf16", "fp16"))
 
 
 @dataclass
@@ -512,6 +672,8 @@ def options_markdown(cls: type) -> str:
         help_text = f.metadata.get("help", "").replace("|", "\\|")
         if f.metadata.get("choices"):
             help_text += " (one of: " + ", ".join(f"`{c}`" for c in f.metadata["choices"]) + ")"
+        if f.metadata.get("bounds"):
+            help_text += " (" + ", ".join(f"{_BOUND_TEXT[k]} {b:g}" for k, b in f.metadata["bounds"].items()) + ")"
         rows.append(f"| `--{f.name}` | {_shown(f.default)} | {help_text} |")
     return "\n".join(rows)
 
@@ -539,8 +701,10 @@ def presets_markdown() -> str:
 def readme_blocks() -> dict[str, str]:
     """Every generated README block by name."""
     blocks = {"train_tokenizer.py": TrainTokenizerConfig, "tokenize_data.py": TokenizeDataConfig,
-              "train.py": TrainConfig, "model": ModelArgs, "generate.py": GenerateConfig,
-              "hf_interop.py": ExportConfig, "data_loader.py": CheckDataConfig, "tokenizer.py": InspectTokenizerConfig}
+              "train.py": TrainConfig, "sft.py": SFTConfig, "model": ModelArgs, "generate.py": GenerateConfig,
+              "serve.py": ServeConfig, "hf_interop.py": ExportConfig, "data_loader.py": CheckDataConfig,
+              "tokenizer.py": InspectTokenizerConfig, "parallel.py": ParallelConfig, "dpo.py": DPOConfig,
+              "rl.py": GRPOConfig, "tasks.py": TaskSFTConfig}
     out = {name: options_markdown(cls) for name, cls in blocks.items()}
     out["presets"] = presets_markdown()
     return out

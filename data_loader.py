@@ -1,7 +1,8 @@
 """Read the token shards written by tokenize_data.py: a resumable, rank-aware, memory-mapped batch loader.
 
 Layout of a data folder (see tokenize_data.py):
-    metadata.json            tokenizer {kind, fingerprint, vocab_size}, dtype, per-shard token/document counts
+    metadata.json            tokenizer {kind, fingerprint, vocab_size}, dtype, per-shard token/document counts and
+                             crc32, per-split token/document/UTF-8 byte counts
     val_000000.npy ...       1-D token arrays (uint16 or uint32), the validation split
     train_000000.npy ...     the training split
     <shard>.idx.npy          per shard: offsets (within the shard) of the documents that start in it
@@ -17,10 +18,16 @@ window order_e[p % num_windows], where order_e is the identity or, with shuffle,
 Epochs wrap explicitly (a batch may straddle two epochs); nothing ever raises StopIteration. The whole state is the
 stream position, so state_dict()/load_state_dict() resume with exactly the next batch, also under another
 world_size or batch_size as long as the position divides evenly (else it is rounded up to the next step).
+
+Evaluation (eval_batches) reads a fixed set of steps x batch_size windows spread evenly over the split, dealt
+round-robin to the ranks, so the validation loss of given weights does not depend on the number of ranks.
+Each shard's crc32 is checked the first time a batch reads from it (about one pass of crc32 over the data per
+run); `python data_loader.py --verify` checks every shard at once.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import zlib
 from collections import OrderedDict
@@ -32,12 +39,36 @@ import numpy as np
 if TYPE_CHECKING:
     import torch
 
+from common import first_line
 from config import CheckDataConfig, UserError, parse_config, run_main
+
+# ----------------------------------------------------------------------------------------------------------------
+# The shard format (tokenize_data.py writes it with these names; this module is their one home)
 
 METADATA_FILE = "metadata.json"
 FORMAT_VERSION = 1
 SPLITS = ("train", "val")
+TOKEN_DTYPES = ("uint16", "uint32")
+SHARD_SUFFIX, DOC_INDEX_SUFFIX = ".npy", ".idx.npy"
 _MAX_OPEN_SHARDS = 64
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """The narrowest shard dtype that holds every id of a vocabulary."""
+    return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
+
+
+def shard_file(split: str, index: int) -> str:
+    return f"{split}_{index:06d}{SHARD_SUFFIX}"
+
+
+def doc_index_file(shard: str) -> str:
+    return shard[:-len(SHARD_SUFFIX)] + DOC_INDEX_SUFFIX
+
+
+def is_format_file(name: str) -> bool:
+    """Whether a file name is one tokenize_data.py writes into a data folder."""
+    return name == METADATA_FILE or (name.startswith(tuple(f"{s}_" for s in SPLITS)) and name.endswith(SHARD_SUFFIX))
 
 
 def _rerun_hint(data_dir: Path) -> str:
@@ -69,7 +100,7 @@ def read_metadata(data_dir: str | os.PathLike) -> dict[str, Any]:
     if meta.get("format", FORMAT_VERSION) > FORMAT_VERSION:
         raise UserError(f"'{path}' has format {meta['format']}, newer than this code understands "
                         f"({FORMAT_VERSION}); update the code or {_rerun_hint(data_dir)}")
-    if meta["dtype"] not in ("uint16", "uint32"):
+    if meta["dtype"] not in TOKEN_DTYPES:
         raise UserError(f"'{path}' names an unsupported token dtype '{meta['dtype']}'; {_rerun_hint(data_dir)}")
     return meta
 
@@ -83,9 +114,9 @@ def open_shard(data_dir: Path, shard: dict[str, Any], dtype: str) -> np.ndarray:
     try:
         array = np.load(path, mmap_mode="r", allow_pickle=False)
     except Exception as error:  # a bad header or a truncated file raise several types
+
         raise UserError(f"shard '{path}' is truncated or corrupted ({type(error).__name__}: "
-                        f"{str(error).strip().splitlines()[0][:120] if str(error).strip() else ''}); "
-                        f"{hint}") from error
+                        f"{first_line(error, 120)}); {hint}") from error
     if not isinstance(array, np.ndarray) or array.ndim != 1 or array.dtype != np.dtype(dtype):
         raise UserError(f"shard '{path}' is corrupted (expected a 1-D {dtype} array, found "
                         f"{getattr(array, 'dtype', '?')} of shape {getattr(array, 'shape', '?')}); {hint}")
@@ -123,6 +154,22 @@ def check_tokenizer(meta: dict[str, Any], data_dir: Path, vocab_size: int | None
                             f"tokenizer/--vocab_size or re-tokenize the data")
 
 
+def bytes_per_token(data_dir: str | os.PathLike, split: str) -> float | None:
+    """UTF-8 bytes of text per token of a split (the framing tokens count as tokens without bytes), for
+    validation bits per byte = loss / ln 2 / bytes_per_token. None for folders written before byte counts were
+    recorded."""
+    info = read_metadata(data_dir).get("splits", {}).get(split, {})
+    text_bytes, tokens = info.get("bytes"), info.get("tokens")
+    if not isinstance(text_bytes, int) or not isinstance(tokens, int) or tokens <= 0:
+        return None
+    return text_bytes / tokens
+
+
+def bits_per_byte(loss: float, bytes_per_token: float) -> float:
+    """Mean cross-entropy in nats per token -> bits per UTF-8 byte of text (comparable across tokenizers)."""
+    return loss / math.log(2) / bytes_per_token
+
+
 def read_documents(data_dir: str | os.PathLike, split: str | None = None) -> Iterator[np.ndarray]:
     """Each document's framed tokens (e.g. bos + text + eos), in stream order, from the shards' document indexes
     (a document may continue across shards). split None means every split (val first, then train)."""
@@ -155,7 +202,7 @@ class ShardedLoader:
 
     def __init__(self, data_dir: str | os.PathLike, split: str, batch_size: int, seq_len: int, rank: int = 0,
                  world_size: int = 1, shuffle: bool = False, seed: int = 0, vocab_size: int | None = None,
-                 tokenizer_fingerprint: str | None = None, verify_checksums: bool = False) -> None:
+                 tokenizer_fingerprint: str | None = None, verify_checksums: bool = True) -> None:
         if split not in SPLITS:
             raise UserError(f"unknown split '{split}'; choose one of: {', '.join(SPLITS)}")
         if batch_size < 1 or seq_len < 1:
@@ -175,22 +222,23 @@ class ShardedLoader:
             raise UserError(f"the {split} split of '{self.data_dir}' has {self.tokens} tokens, fewer than one "
                             f"sequence of seq_len+1 = {seq_len + 1}; use a shorter --seq_len or more data"
                             + (" (--val_tokens)" if split == "val" else ""))
-        # check every shard of the split now (header, dtype, size), so a bad file fails at start-up
+        # check every shard of the split now (header, dtype, size), so a bad file fails at start-up; the checksum
+        # of a shard's tokens is checked when a batch first reads from it (verify_checksums), once per loader
+        self.verify_checksums = verify_checksums
+        self._verified: set[int] = set()
         self._open: OrderedDict[int, np.ndarray] = OrderedDict()
-        for i, shard in enumerate(self.shards):
-            array = self._shard(i)
-            if verify_checksums and "crc32" in shard and shard_checksum(array) != shard["crc32"]:
-                raise UserError(f"shard '{self.data_dir / shard['file']}' is corrupted (checksum mismatch); "
-                                f"{_rerun_hint(self.data_dir)}")
+        for i in range(len(self.shards)):
+            self._shard(i, check=False)
         self._starts = np.cumsum([0] + [s["tokens"] for s in self.shards], dtype=np.int64)
         self.num_windows = (self.tokens - 1) // seq_len
         self.position = 0  # global stream position (in windows) of the next batch of rank 0
-        self.resumed_exactly = True
         self._orders: OrderedDict[int, np.ndarray] = OrderedDict()
 
     # ------------------------------------------------------------------------------------------------------------
-    def _shard(self, i: int) -> np.ndarray:
+    def _shard(self, i: int, check: bool = True) -> np.ndarray:
         array = self._open.get(i)
+        if check and self.verify_checksums and i not in self._verified:
+            self.check_shard(i, array)
         if array is None:
             # a plain ndarray view of the memory map (its base): slicing it skips np.memmap's per-slice overhead
             array = open_shard(self.data_dir, self.shards[i], self.dtype).view(np.ndarray)
@@ -200,6 +248,24 @@ class ShardedLoader:
         else:
             self._open.move_to_end(i)
         return array
+
+    def check_shard(self, i: int, array: np.ndarray | None = None) -> None:
+        """Compare shard i's tokens with the crc32 recorded in the metadata (folders without one pass)."""
+        shard = self.shards[i]
+        if "crc32" in shard:
+            if array is None:
+                array = open_shard(self.data_dir, shard, self.dtype)
+            if shard_checksum(array) != shard["crc32"]:
+                raise UserError(f"shard '{self.data_dir / shard['file']}' is corrupted (its tokens do not match the "
+                                f"checksum in {METADATA_FILE}); check the folder with `python data_loader.py "
+                                f"--data_file_name {self.data_dir} --verify` and {_rerun_hint(self.data_dir)}")
+        self._verified.add(i)
+
+    def verify(self) -> None:
+        """Check every shard's checksum now (reads the whole split once)."""
+        for i in range(len(self.shards)):
+            if i not in self._verified:
+                self.check_shard(i)
 
     def _order(self, epoch: int) -> np.ndarray | None:
         if not self.shuffle:
@@ -247,8 +313,6 @@ class ShardedLoader:
     def batch_at(self, position: int) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's batch for the global stream position `position` (no state change)."""
         first = position + self.rank * self.batch_size
-        length = self.seq_len + 1
-        rows = np.empty((self.batch_size, length), dtype=np.int64)
         positions = np.arange(first, first + self.batch_size, dtype=np.int64)
         epochs, offsets = np.divmod(positions, self.num_windows)
         windows = offsets
@@ -257,7 +321,13 @@ class ShardedLoader:
             for epoch in np.unique(epochs).tolist():
                 mask = epochs == epoch
                 windows[mask] = self._order(epoch)[offsets[mask]]
-        starts = windows * self.seq_len
+        return self.rows_at(windows)
+
+    def rows_at(self, windows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x, y) for these window indices, one row each."""
+        length = self.seq_len + 1
+        rows = np.empty((len(windows), length), dtype=np.int64)
+        starts = np.asarray(windows, dtype=np.int64) * self.seq_len
         shard_of = np.searchsorted(self._starts, starts, side="right") - 1
         local = starts - self._starts[shard_of]
         for i, (shard, lo, start) in enumerate(zip(shard_of.tolist(), local.tolist(), starts.tolist())):
@@ -266,7 +336,7 @@ class ShardedLoader:
                 rows[i] = array[lo:lo + length]
             else:  # the window crosses into the next shard(s)
                 rows[i] = self.read_tokens(start, length)
-        if self.vocab_size is not None and (rows.max() >= self.vocab_size):
+        if self.vocab_size is not None and rows.size and rows.max() >= self.vocab_size:
             raise UserError(f"a shard in '{self.data_dir}' holds token id {int(rows.max())} >= vocab_size "
                             f"{self.vocab_size} (corrupted data); {_rerun_hint(self.data_dir)}")
         import torch  # here, so that reading metadata and checking shards (the CLI) does not pay for importing torch
@@ -280,23 +350,32 @@ class ShardedLoader:
         self.position += self.batch_size * self.world_size
         return batch
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        while True:
-            yield self.next_batch()
-
-    def batches_per_epoch(self) -> float:
-        return self.num_windows / (self.batch_size * self.world_size)
-
     def reset(self) -> None:
         self.position = 0
 
-    def eval_batches(self, num_batches: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """The first num_batches batches from the start of the split (a fixed evaluation set); no state change.
-        num_batches <= 0 means one pass over the split (without its last partial batch unless it is the only)."""
-        if num_batches <= 0:
-            num_batches = max(1, self.num_windows // (self.batch_size * self.world_size))
-        for step in range(num_batches):
-            yield self.batch_at(step * self.batch_size * self.world_size)
+    def eval_windows(self, steps: int, rank: int | None = None, world_size: int | None = None) -> np.ndarray:
+        """The window indices eval_batches gives `rank` (see there)."""
+        rank = self.rank if rank is None else rank
+        world_size = self.world_size if world_size is None else world_size
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise UserError(f"rank {rank} is outside world_size {world_size}")
+        total = self.num_windows if steps <= 0 else min(steps * self.batch_size, self.num_windows)
+        spread = np.arange(total, dtype=np.int64) * self.num_windows // total  # evenly over the whole split
+        return spread[rank::world_size]
+
+    def eval_batches(self, steps: int, rank: int | None = None, world_size: int | None = None
+                     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """A fixed evaluation set, the same whatever the number of ranks: steps x batch_size windows spread evenly
+        over the split (window k * num_windows // N for k < N; the whole split when steps <= 0 or when it holds no
+        more, so no window counts twice; the split's documents come from the whole source, in source order, so
+        a short evaluation must not read just its start), dealt round-robin: `rank` (default: the loader's) of `world_size` (default: the loader's) gets
+        windows rank, rank + world_size, ... in batches of at most batch_size rows. When world_size does not
+        divide the number of windows, the first ranks get one window more, so ranks can get different numbers
+        of batches (or none): average as sum(batch mean loss x rows) / sum(rows) over every rank. No state
+        change."""
+        windows = self.eval_windows(steps, rank, world_size)
+        for start in range(0, len(windows), self.batch_size):
+            yield self.rows_at(windows[start:start + self.batch_size])
 
     # ------------------------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -308,7 +387,7 @@ class ShardedLoader:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from a saved state: the next batch is exactly the one the saved loader would have produced
         (also under a different world_size/batch_size when the saved position divides evenly; otherwise the
-        position is rounded up to the next step and `resumed_exactly` is False)."""
+        position is rounded up to the next step)."""
         mismatches = [f"{key} {state.get(key)!r} -> {value!r}" for key, value in
                       (("split", self.split), ("seq_len", self.seq_len), ("tokens", self.tokens),
                        ("shuffle", self.shuffle), ("seed", self.seed))
@@ -321,7 +400,6 @@ class ShardedLoader:
         # another batch_size/world_size whose step does not divide the position: round up to the next step, so
         # that every rank (all loading the same state) agrees; this skips fewer than one step's windows
         self.position = -(-position // per_step) * per_step
-        self.resumed_exactly = self.position == position
 
     def __repr__(self) -> str:
         return (f"ShardedLoader({self.data_dir}, split={self.split}, tokens={self.tokens}, "
@@ -348,9 +426,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           f"source: {meta.get('source', '?')}")
     for split in SPLITS:
         loader = ShardedLoader(data_dir, split, 1, cfg.seq_len, vocab_size=vocab_size,
-                               tokenizer_fingerprint=fingerprint, verify_checksums=cfg.verify)
+                               tokenizer_fingerprint=fingerprint)
+        if cfg.verify:
+            loader.verify()
+        per_token = bytes_per_token(data_dir, split)
         print(f"  {split}: {loader.tokens:,} tokens in {len(loader.shards)} shard(s), "
-              f"{loader.num_windows:,} windows of {cfg.seq_len}+1 tokens: ok")
+              f"{loader.num_windows:,} windows of {cfg.seq_len}+1 tokens"
+              + (f", {per_token:.3f} UTF-8 bytes per token" if per_token else "")
+              + (": checksums ok" if cfg.verify else ": ok"))
     return meta
 
 

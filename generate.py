@@ -21,6 +21,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from common import DTYPES, first_line, resolve_device, resolve_dtype
 from config import GenerateConfig, UserError, parse_config, run_main
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -210,35 +211,44 @@ def make_decode_step(model: torch.nn.Module, compile_model: bool) -> Callable | 
 # Command line
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
-    return torch.device(name)
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        if device.type == "cuda" and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return torch.float32
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
-
-
 def read_prompts(cfg: GenerateConfig) -> list[str]:
     if cfg.input_file:
         path = Path(cfg.input_file)
+        if path.is_dir():
+            raise UserError(f"--input_file {path} is a folder; give a text file with one prompt per line")
         if not path.is_file():
             raise UserError(f"--input_file {path} does not exist")
-        texts = [line.rstrip("\r\n") for line in path.read_text(encoding="utf-8").splitlines()]
-        texts = [t for t in texts if t.strip()]
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise UserError(f"--input_file {path} is not UTF-8 text (byte {e.start}); convert it to UTF-8") from None
+        except OSError as e:
+            raise UserError(f"cannot read --input_file {path} ({first_line(e)})") from None
+        texts = [t for t in text.splitlines() if t.strip()]
         if not texts:
             raise UserError(f"--input_file {path} holds no prompt (one prompt per non-empty line)")
         return texts
     if not cfg.input_text.strip():
         raise UserError("empty prompt: give some text with --input_text (or prompts with --input_file)")
     return [cfg.input_text]
+
+
+def check_length(longest: int, new_tokens: int, limit: int) -> None:
+    """A UserError saying what to change when a prompt of `longest` tokens plus `new_tokens` exceeds `limit`."""
+    if longest + new_tokens <= limit:
+        return
+    fit = limit - longest
+    if fit >= 1:
+        raise UserError(f"prompt of {longest} tokens + {new_tokens} new tokens is longer than the context of "
+                        f"{limit} tokens: at most {fit} new tokens fit (lower --num_tokens_to_generate or shorten "
+                        f"the prompt)")
+    room = limit - new_tokens
+    if room >= 1:
+        raise UserError(f"prompt of {longest} tokens is longer than the context of {limit} tokens: shorten it to "
+                        f"at most {room} tokens or lower --num_tokens_to_generate")
+    raise UserError(f"prompt of {longest} tokens is longer than the context of {limit} tokens: shorten it to at "
+                    f"most {limit - 1} tokens and lower --num_tokens_to_generate to fit (prompt + new tokens <= "
+                    f"{limit})")
 
 
 class StreamPrinter:
@@ -268,33 +278,96 @@ class StreamPrinter:
             self.printed += new
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Terminal chat (--chat): the template and the reply stream come from chat.py
+
+
+def make_sampler(temperature: float, top_p: float, top_k: int, vocab_size: int,
+                 generator: torch.Generator | None) -> Callable[[torch.Tensor], torch.Tensor]:
+    def sample(logits: torch.Tensor) -> torch.Tensor:
+        return sample_next(logits[..., :vocab_size], temperature, top_p, top_k, generator)
+
+    return sample
+
+
+def chat_loop(model: torch.nn.Module, tok, cfg, read: Callable[[str], str] = input, out=sys.stdout) -> None:
+    """The conversation: read a line, stream the reply, repeat. /reset forgets the conversation, /exit or end of
+    input ends it."""
+    from chat import ChatFormat, TextStream, fit_history, stream_tokens
+
+    fmt = ChatFormat(tok)
+    device = next(model.parameters()).device
+    limit = min(cfg.max_seq_len or model.args.max_seq_len, model.args.max_seq_len)
+    max_new = min(cfg.num_tokens_to_generate, limit - 8)
+    if max_new < 1:
+        raise UserError(f"the context of {limit} tokens leaves no room for a reply")
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    sample = make_sampler(cfg.temperature, cfg.top_p, cfg.top_k, tok.vocab_size, generator)
+    system = [{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt else []
+    messages = list(system)
+    out.write(f"Chatting with {cfg.save_file_name} ({tok.kind} tokenizer). /reset starts over, /exit quits.\n")
+    out.flush()
+    while True:
+        try:
+            line = read("you> ")
+        except (EOFError, KeyboardInterrupt):
+            out.write("\n")
+            return
+        text = line.strip()
+        if not text:
+            continue
+        if text == "/exit":
+            return
+        if text == "/reset":
+            messages = list(system)
+            out.write("(conversation reset)\n")
+            out.flush()
+            continue
+        messages.append({"role": "user", "content": line})
+        messages, prompt = fit_history(fmt, messages, limit - max_new)
+        out.write("assistant> ")
+        out.flush()
+        stream = TextStream(tok)
+        for token in stream_tokens(model, prompt, max_new, fmt.stop_ids, sample):
+            piece = stream.add(token)
+            if piece:
+                out.write(piece)
+                out.flush()
+        out.write(stream.add(None, final=True) + "\n")
+        out.flush()
+        messages.append({"role": "assistant", "content": stream.text})
+
+
+def main_chat(cfg) -> None:
+    """generate.py --chat: load the checkpoint and talk to it in the terminal."""
+    from chat import ChatFormat, load_chat_model
+
+    torch.manual_seed(cfg.seed)
+    model, tok, _, _ = load_chat_model(cfg)
+    ChatFormat(tok)  # a tokenizer without chat tokens stops here, before the first prompt
+    try:
+        import readline  # noqa: F401  (line editing and history for input())
+    except ImportError:
+        pass
+    chat_loop(model, tok, cfg)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     cfg: GenerateConfig = parse_config(GenerateConfig, argv, description=__doc__.split("\n\n")[0])
-    if cfg.num_tokens_to_generate < 1:
-        raise UserError("--num_tokens_to_generate must be at least 1")
-    if cfg.num_samples < 1:
-        raise UserError("--num_samples must be at least 1")
-    if not 0.0 < cfg.top_p <= 1.0:
-        raise UserError(f"--top_p must be in (0, 1], got {cfg.top_p}")
-    if cfg.temperature < 0:
-        raise UserError(f"--temperature must be >= 0, got {cfg.temperature}")
+    if cfg.chat:
+        return main_chat(cfg)
     texts = read_prompts(cfg)
 
-    import checkpoint
     import tokenizer as tokenizer_mod
+    from hf_interop import load_any_model
 
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     torch.manual_seed(cfg.seed)
-    path = Path(cfg.save_file_name)
-    step_dir = path if checkpoint.is_hf_model_folder(path) else checkpoint.resolve_checkpoint(path)
-    # dtype=None keeps the memory-mapped weights as stored; convert only when another dtype is asked for
-    model, meta = checkpoint.load_model(step_dir, device=device, dtype=None)
-    if model_device_dtype(model)[1] != dtype:
-        model.to(dtype)
-        if hasattr(model, "init_buffers"):  # Module.to also casts the complex RoPE table to a real dtype
-            model.init_buffers()
-    tok = tokenizer_mod.load_recorded_tokenizer(cfg, (meta or {}).get("tokenizer"), f"the checkpoint {step_dir}")
+    # weights already in the dtype asked for stay memory-mapped; others are converted (the router stays fp32)
+    model, meta = load_any_model(cfg.save_file_name, device=device, dtype=DTYPES[dtype])
+    source = meta.get("hf_folder") or f"{cfg.save_file_name} (step {meta.get('step')})"
+    tok = tokenizer_mod.load_recorded_tokenizer(cfg, meta.get("tokenizer"), f"the checkpoint {source}")
     model_vocab = model.args.vocab_size
     if tok.vocab_size > model_vocab:
         raise UserError(f"the tokenizer has {tok.vocab_size} tokens but the model only {model_vocab}: "
@@ -307,16 +380,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                             f"({model.args.max_seq_len} tokens)")
         limit = cfg.max_seq_len
     encoded = [[tok.bos_id] + ids for ids in tok.encode_batch(texts)]
-    longest = max(len(p) for p in encoded)
-    if longest + cfg.num_tokens_to_generate > limit:
-        fit = limit - longest
-        if fit >= 1:
-            raise UserError(f"prompt of {longest} tokens + {cfg.num_tokens_to_generate} new tokens is longer than "
-                            f"the context of {limit} tokens: at most {fit} new tokens fit "
-                            f"(lower --num_tokens_to_generate or shorten the prompt)")
-        raise UserError(f"prompt of {longest} tokens is longer than the context of {limit} tokens: shorten it "
-                        f"to at most {limit - cfg.num_tokens_to_generate} tokens or lower "
-                        f"--num_tokens_to_generate")
+    check_length(max(len(p) for p in encoded), cfg.num_tokens_to_generate, limit)
     prompts = [p for p in encoded for _ in range(cfg.num_samples)]
 
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
@@ -347,10 +411,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     decode_tokens = timings["decode_steps"] * len(prompts)
     decode_tps = decode_tokens / timings["decode_s"] if timings["decode_s"] > 0 else float("nan")
     cache_mb = model.cache_bytes() / 2**20
-    print(f"\n[{step_dir}] prompt tokens: {n_prompt} | generated tokens: {n_new} | batch: {len(prompts)} | "
+    print(f"\n[{source}] prompt tokens: {n_prompt} | generated tokens: {n_new} | batch: {len(prompts)} | "
           f"prefill: {prefill_tps:,.0f} tok/s | decode: {decode_tps:,.1f} tok/s "
           f"({timings['decode_s'] * 1e3 / max(timings['decode_steps'], 1):.2f} ms/step) | "
-          f"cache: {cache_mb:.2f} MB | {device.type} {str(dtype).removeprefix('torch.')}"
+          f"cache: {cache_mb:.2f} MB | {device.type} {dtype}"
           f"{' compiled (decode time includes the compilation)' if cfg.compile_model else ''}", flush=True)
 
 

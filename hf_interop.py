@@ -10,9 +10,9 @@ The folder holds `config.json` (model_type deepseek_v3), `model.safetensors` (or
 
     AutoModelForCausalLM.from_pretrained(folder); AutoTokenizer.from_pretrained(folder)
 
-load it as is. `load_hf_model(folder)` goes the other way (generate.py and train.py --init_from use it through
-checkpoint.load_model); it also reads folders transformers itself wrote (per-expert or fused expert tensors,
-sharded or not, rope_interleave true or false).
+load it as is. `load_hf_model(folder)` goes the other way, and `load_any_model(path)` loads either kind of model
+(a HF folder or one of our checkpoints; generate.py and train.py --init_from use it); it also reads folders
+transformers itself wrote (per-expert or fused expert tensors, sharded or not, rope_interleave true or false).
 
 Weight names (ours <-> HF, `L` = layers.{i}, `M` = model.layers.{i}):
 
@@ -44,14 +44,15 @@ RoPE: our rotary dimensions are DeepSeek's interleaved pairs (x0,x1),(x2,x3)...;
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
+from safetensors import SafetensorError
 
+import checkpoint
+from common import DTYPES, atomic_folder, first_line, recover_atomic_folder
 from config import ExportConfig, ModelArgs, UserError, parse_config, run_main
 
 HF_MODEL_TYPE = "deepseek_v3"
@@ -172,80 +173,105 @@ def to_hf_config(args: ModelArgs, tokenizer: Any = None, dtype: torch.dtype | No
     return config
 
 
-def _get(config: Mapping[str, Any], key: str, default: Any = None) -> Any:
-    value = config.get(key, default)
-    return default if value is None else value
+_REQUIRED = object()
+_KINDS = {int: "an integer", float: "a finite number", bool: "true or false", str: "a string"}
+
+
+def _value(config: Mapping[str, Any], key: str, kind: type, default: Any = _REQUIRED) -> Any:
+    """config[key] checked to be of `kind` (int, float, bool or str); `default` when absent or null. A required
+    key that is missing, or a value of the wrong kind, is a UserError naming the key."""
+    value = config.get(key)
+    if value is None:
+        if default is _REQUIRED:
+            raise UserError(f"config.json lacks '{key}', which a DeepseekV3 model needs; the folder is incomplete "
+                            f"or its config.json was edited")
+        return default
+    if kind is bool:
+        ok = isinstance(value, bool)
+    elif kind is str:
+        ok = isinstance(value, str)
+    else:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value == value \
+            and abs(value) != float("inf") and (kind is float or float(value).is_integer())
+    if not ok:
+        raise UserError(f"config.json has {key}={json.dumps(value)}; it must be {_KINDS[kind]}")
+    return kind(value)
 
 
 def from_hf_config(config: Mapping[str, Any]) -> ModelArgs:
     """ModelArgs equivalent to a DeepseekV3 config.json (ours or one transformers wrote). UserError for
-    configurations our model cannot reproduce exactly."""
-    if config.get("model_type") != HF_MODEL_TYPE:
-        raise UserError(f"config.json has model_type={config.get('model_type')!r}; only '{HF_MODEL_TYPE}' "
-                        f"folders can be loaded")
+    configurations our model cannot reproduce exactly, and for missing or malformed keys (naming the key)."""
+    model_type = config.get("model_type")
+    if model_type != HF_MODEL_TYPE:
+        raise UserError(f"config.json has model_type {json.dumps(model_type)}; only '{HF_MODEL_TYPE}' (DeepSeek-V3 "
+                        f"architecture) folders are supported")
     problems = []
     if config.get("quantization_config"):
         problems.append("quantization_config (quantized weights, e.g. fp8) is not supported; use a "
                         "bf16/fp32 checkpoint")
-    if _get(config, "hidden_act", "silu") != "silu":
+    if _value(config, "hidden_act", str, "silu") != "silu":
         problems.append(f"hidden_act={config['hidden_act']} (only silu)")
     if config.get("attention_bias"):
         problems.append("attention_bias=true (our attention has no biases)")
     rope = config.get("rope_parameters") or {}
     scaling = config.get("rope_scaling") or {}
+    for key, section in (("rope_parameters", rope), ("rope_scaling", scaling)):
+        if not isinstance(section, dict):
+            raise UserError(f"config.json has {key}={json.dumps(section)}; it must be an object")
     for section in (rope, scaling):  # transformers 5 writes rope_parameters, 4.x rope_scaling
         rope_type = section.get("rope_type") or section.get("type") or "default"
         if rope_type != "default":
             problems.append(f"rope type {rope_type!r} (only plain RoPE; YaRN/other scaling is not supported)")
             break
-    if float(_get(config, "rms_norm_eps", LATENT_NORM_EPS)) != LATENT_NORM_EPS:
+    norm_eps = _value(config, "rms_norm_eps", float, LATENT_NORM_EPS)
+    if norm_eps != LATENT_NORM_EPS:
         problems.append(f"rms_norm_eps={config['rms_norm_eps']} (our model uses one epsilon for every norm, "
                         f"while HF uses {LATENT_NORM_EPS} for the latent norms)")
-    n_heads = int(config["num_attention_heads"])
-    if _get(config, "num_key_value_heads", n_heads) != n_heads:
+    n_heads = _value(config, "num_attention_heads", int)
+    if _value(config, "num_key_value_heads", int, n_heads) != n_heads:
         problems.append(f"num_key_value_heads={config['num_key_value_heads']} differs from "
                         f"num_attention_heads={n_heads}")
-    n_layers = int(config["num_hidden_layers"])
-    n_dense = int(_get(config, "first_k_dense_replace", 0))
+    n_layers = _value(config, "num_hidden_layers", int)
+    n_dense = _value(config, "first_k_dense_replace", int, 0)
     has_moe = n_dense < n_layers
     if has_moe:
-        if _get(config, "scoring_func", "sigmoid") != "sigmoid":
+        if _value(config, "scoring_func", str, "sigmoid") != "sigmoid":
             problems.append(f"scoring_func={config['scoring_func']} (transformers' DeepseekV3 routes with sigmoid)")
-        if not _get(config, "norm_topk_prob", True):
+        if not _value(config, "norm_topk_prob", bool, True):
             problems.append("norm_topk_prob=false (our sigmoid router always renormalises the top-k weights)")
     if problems:
         raise UserError("this HF model cannot be loaded exactly: " + "; ".join(problems))
 
-    theta = rope.get("rope_theta", _get(config, "rope_theta", 10000.0))
-    q_lora = config.get("q_lora_rank") or 0
-    n_group = int(_get(config, "n_group", 1))
+    theta = _value(rope, "rope_theta", float, _value(config, "rope_theta", float, 10000.0))
+    n_group = _value(config, "n_group", int, 1)
+    inter_dim = _value(config, "intermediate_size", int)
     values = dict(
-        vocab_size=int(config["vocab_size"]),
-        dim=int(config["hidden_size"]),
-        inter_dim=int(config["intermediate_size"]),
-        moe_inter_dim=int(_get(config, "moe_intermediate_size", config["intermediate_size"])),
+        vocab_size=_value(config, "vocab_size", int),
+        dim=_value(config, "hidden_size", int),
+        inter_dim=inter_dim,
+        moe_inter_dim=_value(config, "moe_intermediate_size", int, inter_dim),
         n_layers=n_layers,
         n_dense_layers=n_dense,
         n_heads=n_heads,
-        max_seq_len=int(_get(config, "max_position_embeddings", 4096)),
+        max_seq_len=_value(config, "max_position_embeddings", int, 4096),
         attn_type="mla",
-        q_lora_rank=int(q_lora),
-        kv_lora_rank=int(config["kv_lora_rank"]),
-        qk_nope_head_dim=int(config["qk_nope_head_dim"]),
-        qk_rope_head_dim=int(config["qk_rope_head_dim"]),
-        v_head_dim=int(config["v_head_dim"]),
-        rope_theta=float(theta),
+        q_lora_rank=_value(config, "q_lora_rank", int, 0),
+        kv_lora_rank=_value(config, "kv_lora_rank", int),
+        qk_nope_head_dim=_value(config, "qk_nope_head_dim", int),
+        qk_rope_head_dim=_value(config, "qk_rope_head_dim", int),
+        v_head_dim=_value(config, "v_head_dim", int),
+        rope_theta=theta,
         sliding_window=0,
-        n_routed_experts=int(_get(config, "n_routed_experts", 1)),
-        n_shared_experts=int(_get(config, "n_shared_experts", 0)),
-        n_activated_experts=int(_get(config, "num_experts_per_tok", 1)),
+        n_routed_experts=_value(config, "n_routed_experts", int, 1),
+        n_shared_experts=_value(config, "n_shared_experts", int, 0),
+        n_activated_experts=_value(config, "num_experts_per_tok", int, 1),
         n_expert_groups=n_group,
-        n_limited_groups=int(_get(config, "topk_group", 1)) if n_group > 1 else 1,
+        n_limited_groups=_value(config, "topk_group", int, 1) if n_group > 1 else 1,
         score_func="sigmoid",
-        route_scale=float(_get(config, "routed_scaling_factor", 1.0)),
-        norm_eps=float(_get(config, "rms_norm_eps", 1e-6)),
-        tie_embeddings=bool(_get(config, "tie_word_embeddings", False)),
-        init_std=float(_get(config, "initializer_range", 0.02)),
+        route_scale=_value(config, "routed_scaling_factor", float, 1.0),
+        norm_eps=norm_eps,
+        tie_embeddings=_value(config, "tie_word_embeddings", bool, False),
+        init_std=_value(config, "initializer_range", float, 0.02),
     )
     try:
         derived = ModelArgs(**values)
@@ -476,6 +502,8 @@ def save_hf_tokenizer(tokenizer: Any, folder: Path, max_seq_len: int) -> None:
                               "vocab_size": tokenizer.vocab_size,
                               "file_sha256": _file_sha256(folder / "tokenizer.json")},
     }
+    if getattr(tokenizer, "chat_template", None):  # chat.py's template as Jinja, for apply_chat_template
+        tokenizer_config["chat_template"] = tokenizer.chat_template
     (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
     (folder / "special_tokens_map.json").write_text(
         json.dumps({"bos_token": bos, "eos_token": eos, "pad_token": pad}, indent=2) + "\n")
@@ -545,81 +573,93 @@ def load_hf_weights(folder: Path, device: str | torch.device = "cpu") -> dict[st
     if (folder / SAFE_INDEX).is_file():
         try:
             weight_map = json.loads((folder / SAFE_INDEX).read_text())["weight_map"]
-        except (OSError, json.JSONDecodeError, KeyError) as e:
-            raise UserError(f"'{folder / SAFE_INDEX}' is unreadable ({e}); the folder is damaged") from e
-        files = sorted(set(weight_map.values()))
+            files = sorted(set(weight_map.values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise UserError(f"'{folder / SAFE_INDEX}' is unreadable ({first_line(e)}); the folder is "
+                            f"damaged") from None
     elif (folder / SAFE_WEIGHTS).is_file():
         files = [SAFE_WEIGHTS]
     else:
-        other = [p.name for p in folder.glob("*.bin")]
-        hint = " (it has only PyTorch .bin weights: re-save it with save_pretrained(safe_serialization=True))" \
-            if other else ""
+        hint = ""
+        if any(folder.glob("*.bin")):  # pickles: never loaded here (they can run code); transformers converts them
+            hint = (f" (it has only PyTorch .bin weights; if you trust its source, convert them with transformers: "
+                    f"AutoModelForCausalLM.from_pretrained('{folder}').save_pretrained('<new folder>') writes "
+                    f"safetensors)")
         raise UserError(f"'{folder}' holds no {SAFE_WEIGHTS} or {SAFE_INDEX}{hint}")
     state: dict[str, torch.Tensor] = {}
     for file in files:
         try:
             state.update(load_file(str(folder / file), device=str(device)))
-        except (OSError, RuntimeError, Exception) as e:  # safetensors raises its own error types
-            raise UserError(f"could not read '{folder / file}' ({str(e).splitlines()[0][:200]}); the folder is "
-                            f"damaged or incomplete") from e
+        except (SafetensorError, OSError, RuntimeError) as e:
+            raise UserError(f"could not read '{folder / file}' ({first_line(e)}); the folder is damaged or "
+                            f"incomplete") from None
     return state
+
+
+def check_output_dir(output_dir: Path, overwrite: bool) -> None:
+    """Refuse an --output_dir that holds something we must not replace (after cleaning what a killed export left
+    beside it)."""
+    recover_atomic_folder(output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise UserError(f"--output_dir '{output_dir}' is a file; choose another --output_dir")
+    if output_dir.exists() and not overwrite:
+        raise UserError(f"'{output_dir}' already exists; choose another --output_dir or pass --overwrite")
+    if output_dir.exists() and not (output_dir / "config.json").is_file() and any(output_dir.iterdir()):
+        raise UserError(f"'{output_dir}' exists and is not a HF model folder; refusing to replace it")
 
 
 def write_hf_folder(output_dir: Path | str, args: ModelArgs, state_dict: Mapping[str, torch.Tensor],
                     tokenizer: Any = None, max_shard_size: int | str = "2GB", overwrite: bool = False,
                     dtype: torch.dtype | None = None) -> Path:
-    """Write a complete HF folder atomically: everything goes into a temporary sibling folder that is renamed
-    into place at the end, so a failure never leaves a half-written model behind."""
+    """Write a complete HF folder atomically (common.atomic_folder): a failure or a kill never leaves a
+    half-written model under output_dir, and an existing one is replaced only once the new one is complete."""
     output_dir = Path(output_dir)
-    check_exportable(args)
-    if output_dir.exists() and not overwrite:
-        raise UserError(f"'{output_dir}' already exists; choose another --output_dir or pass --overwrite")
-    if output_dir.exists() and not (output_dir / "config.json").is_file() and any(output_dir.iterdir()):
-        raise UserError(f"'{output_dir}' exists and is not a HF model folder; refusing to replace it")
-    hf_sd = to_hf_state_dict(state_dict, args)
-    if dtype is not None:  # the router stays fp32, as transformers keeps it (_keep_in_fp32_modules_strict)
-        hf_sd = {k: v if k.endswith((".mlp.gate.weight", "e_score_correction_bias")) or not v.is_floating_point()
-                 else v.to(dtype) for k, v in hf_sd.items()}
-    weight_dtype = dtype or state_dict["embed.weight"].dtype
+    hf_sd = to_hf_state_dict(state_dict, args)  # checks that HF can express the model
+    check_output_dir(output_dir, overwrite)
     limit = parse_size(max_shard_size)
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output_dir.parent / f".tmp_{output_dir.name}_{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    if dtype is not None:  # the router stays fp32, as transformers keeps it (_keep_in_fp32_modules_strict)
+        hf_sd = {k: v if _is_router(k) or not v.is_floating_point() else v.to(dtype) for k, v in hf_sd.items()}
+    weight_dtype = dtype or state_dict["embed.weight"].dtype
+    with atomic_folder(output_dir, "--output_dir") as tmp:
         config = to_hf_config(args, tokenizer, dtype=weight_dtype)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         bos, eos, pad = config["bos_token_id"], config["eos_token_id"], config["pad_token_id"]
         generation = {"bos_token_id": bos, "eos_token_id": eos, "pad_token_id": pad, "do_sample": False}
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2, sort_keys=True) + "\n")
-        save_hf_weights(hf_sd, tmp, limit)
+        try:
+            save_hf_weights(hf_sd, tmp, limit)
+        except SafetensorError as e:  # how safetensors reports a full disk: atomic_folder makes it one line
+            raise OSError(first_line(e)) from None
         if tokenizer is not None:
             save_hf_tokenizer(tokenizer, tmp, args.max_seq_len)
-        for file in tmp.iterdir():
-            with open(file, "rb") as handle:
-                os.fsync(handle.fileno())
-        if output_dir.exists():
-            trash = output_dir.parent / f".old_{output_dir.name}_{os.getpid()}"
-            os.replace(output_dir, trash)
-            os.replace(tmp, output_dir)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, output_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return output_dir
 
 
-def export_hf(checkpoint_path: Path | str, output_dir: Path | str, tokenizer: Any = None,
-              max_shard_size: int | str = "2GB", overwrite: bool = False, dtype: torch.dtype | None = None) -> Path:
-    """A checkpoint (root or step folder) -> a HF DeepseekV3 folder at output_dir. `tokenizer` (ours) is written
-    alongside when given; its fingerprint must match the one the checkpoint records."""
-    import checkpoint
+def _is_router(hf_name: str) -> bool:
+    return hf_name.endswith((".mlp.gate.weight", ".mlp.gate.e_score_correction_bias"))
 
+
+def export_source(checkpoint_path: Path | str) -> tuple[Path, dict[str, Any], ModelArgs]:
+    """The checks of an export made before any weight is read: the checkpoint (root or step folder) ->
+    (step folder, meta, model args), UserError when HF cannot express the model."""
     step_dir = checkpoint.resolve_checkpoint(checkpoint_path)
     meta = checkpoint.read_meta(step_dir)
-    args = ModelArgs.from_dict(meta["model_args"])
-    check_exportable(args)  # before reading any weights
+    try:
+        args = ModelArgs.from_dict(meta["model_args"])
+    except (KeyError, TypeError) as e:
+        raise UserError(f"checkpoint '{step_dir}' has no usable model_args in its {checkpoint.META_FILE} "
+                        f"({first_line(e)}); it is damaged") from None
+    check_exportable(args)
+    return step_dir, meta, args
+
+
+def export_hf(checkpoint_path: Path | str, output_dir: Path | str, tokenizer: Any = None,
+              max_shard_size: int | str = "2GB", overwrite: bool = False, dtype: torch.dtype | None = None,
+              source: tuple[Path, dict[str, Any], ModelArgs] | None = None) -> Path:
+    """A checkpoint (root or step folder) -> a HF DeepseekV3 folder at output_dir. `tokenizer` (ours) is written
+    alongside when given; its fingerprint must match the one the checkpoint records. `source`: what
+    export_source(checkpoint_path) returned, when the caller has already checked it."""
+    step_dir, meta, args = source or export_source(checkpoint_path)
     if tokenizer is not None:
         stored = (meta.get("tokenizer") or {}).get("fingerprint")
         if stored:
@@ -629,18 +669,61 @@ def export_hf(checkpoint_path: Path | str, output_dir: Path | str, tokenizer: An
         if tokenizer.vocab_size > args.vocab_size:
             raise UserError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only "
                             f"{args.vocab_size}; use the tokenizer the model was trained with")
-    state_dict = checkpoint.load_weights(step_dir / checkpoint.WEIGHTS_FILE)
+    check_output_dir(Path(output_dir), overwrite)  # before reading the weights
+    try:
+        state_dict = checkpoint.load_weights(step_dir / checkpoint.WEIGHTS_FILE)
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise UserError(f"could not read the weights of '{step_dir}' ({first_line(e)}); the checkpoint is "
+                        f"damaged") from None
     return write_hf_folder(output_dir, args, state_dict, tokenizer, max_shard_size, overwrite, dtype)
 
 
 def read_hf_config(folder: Path | str) -> dict[str, Any]:
     path = Path(folder) / "config.json"
     try:
-        return json.loads(path.read_text())
-    except FileNotFoundError as e:
-        raise UserError(f"'{folder}' has no config.json; it is not a HF model folder") from e
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"'{path}' is unreadable ({e})") from e
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"'{folder}' has no config.json; it is not a HF model folder") from None
+    except (OSError, ValueError) as e:
+        raise UserError(f"the HF model folder's config '{path}' is unreadable ({first_line(e)}); it is damaged: "
+                        f"restore or re-export it") from None
+    if not isinstance(config, dict):
+        raise UserError(f"the HF model folder's config '{path}' is unreadable (a JSON object was expected); it is "
+                        f"damaged: restore or re-export it")
+    return config
+
+
+def is_hf_model_folder(path: Path | str) -> bool:
+    """A folder with a config.json that is not one of our checkpoints: loaded (and checked) as a HF folder, so
+    that a folder of another architecture, or a damaged config.json, is reported as such."""
+    path = Path(path)
+    return (path / "config.json").is_file() and not (path / checkpoint.META_FILE).exists()
+
+
+def load_any_model(path: Path | str, device: str | torch.device = "cpu",
+                   dtype: torch.dtype | None = None) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """A HF DeepseekV3 folder (load_hf_model) or one of our checkpoints, a root or a step folder
+    (checkpoint.load_model) -> (model in eval mode, meta). dtype=None keeps the stored dtype (memory-mapped
+    weights on CPU, no copy); another dtype converts every weight except the router's, which stays fp32 as
+    transformers keeps it."""
+    if is_hf_model_folder(path):
+        return load_hf_model(path, device=device, dtype=dtype)
+    model, meta = checkpoint.load_model(path, device=device)  # verified; the newest intact step of a run folder
+    if dtype is not None:
+        cast_keeping_router(model, dtype)
+    return model, meta
+
+
+def cast_keeping_router(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """model.to(dtype), except that below fp32 the router's weight and balancing bias stay fp32: rounding them
+    to bf16 changes which experts are chosen (transformers keeps them fp32 for the same reason)."""
+    router = {id(t) for moe in model.moe_layers() for t in (*moe.gate.parameters(), *moe.gate.buffers())} \
+        if dtype.itemsize < 4 else set()
+    for tensor in (*model.parameters(), *model.buffers()):
+        target = torch.float32 if id(tensor) in router else dtype
+        if tensor.is_floating_point() and tensor.dtype != target:
+            tensor.data = tensor.data.to(target)
+    return model
 
 
 def load_folder_tokenizer(folder: Path | str):
@@ -699,9 +782,12 @@ def load_hf_model(folder: Path | str, device: str | torch.device = "cpu",
 
     folder = Path(folder)
     config = read_hf_config(folder)
-    args = from_hf_config(config)
+    try:
+        args = from_hf_config(config)
+    except UserError as e:
+        raise UserError(f"'{folder}': {e}") from None
     hf_sd = load_hf_weights(folder, device=device)
-    state_dict = from_hf_state_dict(hf_sd, args, rope_interleave=bool(_get(config, "rope_interleave", True)))
+    state_dict = from_hf_state_dict(hf_sd, args, rope_interleave=_value(config, "rope_interleave", bool, True))
     del hf_sd
     with torch.device("meta"):
         model = Transformer(args)
@@ -714,11 +800,12 @@ def load_hf_model(folder: Path | str, device: str | torch.device = "cpu",
                             f"{tuple(expected[name].shape)}; the weights do not match config.json")
     if args.tie_embeddings:
         state_dict["head.weight"] = state_dict["embed.weight"]
-    # one dtype for the weights (transformers keeps the router in fp32 inside bf16 models; our Gate multiplies it
-    # with activations of the model's dtype); the balancing bias stays fp32 as in our model
+    # one dtype for the weights, except the router (weight and balancing bias), which stays fp32 below fp32 as
+    # transformers keeps it (_keep_in_fp32_modules_strict): rounding it changes which experts are chosen
     weight_dtype = dtype or state_dict["embed.weight"].dtype
+    router_dtype = torch.float32 if weight_dtype.itemsize < 4 else weight_dtype
     for name, tensor in list(state_dict.items()):
-        target = torch.float32 if name.endswith("gate.bias") else weight_dtype
+        target = router_dtype if ".ffn.gate." in name else weight_dtype
         if tensor.is_floating_point() and tensor.dtype != target:
             state_dict[name] = tensor.to(target)
     missing = sorted(set(expected) - set(state_dict))
@@ -729,8 +816,6 @@ def load_hf_model(folder: Path | str, device: str | torch.device = "cpu",
     if args.tie_embeddings:
         model.head.weight = model.embed.weight
     model.init_buffers(torch.device(device))
-    if dtype is not None:
-        model.to(dtype)
     tokenizer_meta = folder_tokenizer_meta(folder)
     if tokenizer_meta is not None:  # where generate.py finds it without a tokenizer flag
         tokenizer_meta["path"] = str((folder / "tokenizer.json").resolve())
@@ -742,24 +827,20 @@ def load_hf_model(folder: Path | str, device: str | torch.device = "cpu",
 # CLI
 
 
-_DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     cfg: ExportConfig = parse_config(ExportConfig, argv, description=__doc__.split("\n\n")[0])
-    import checkpoint
-
-    step_dir = checkpoint.resolve_checkpoint(cfg.save_file_name)
-    meta = checkpoint.read_meta(step_dir)
-    args = ModelArgs.from_dict(meta["model_args"])
-    check_exportable(args)
+    parse_size(cfg.max_shard_size)  # a malformed size fails before any work
+    source = export_source(cfg.save_file_name)
+    step_dir, meta, _ = source
+    check_output_dir(Path(cfg.output_dir), cfg.overwrite)
     tok = None
     if cfg.save_tokenizer:
         import tokenizer as tokenizer_mod
 
         tok = tokenizer_mod.load_recorded_tokenizer(cfg, meta.get("tokenizer"), f"the checkpoint {step_dir}")
+    dtype = None if cfg.dtype == "auto" else DTYPES[cfg.dtype]
     out = export_hf(step_dir, cfg.output_dir, tok, max_shard_size=cfg.max_shard_size, overwrite=cfg.overwrite,
-                    dtype=_DTYPES[cfg.dtype])
+                    dtype=dtype, source=source)
     files = sorted(p.name for p in out.iterdir())
     shards = [f for f in files if f.endswith(".safetensors")]
     size = sum((out / f).stat().st_size for f in shards)

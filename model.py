@@ -295,7 +295,8 @@ class Gate(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x: [N, D] -> (weights [N, K] in x's dtype, indices [N, K], scores [N, E] (fp32+) without the bias)."""
-        logits = linear(x, self.weight)                                         # [N, E]
+        # a bf16 model may hold an fp32 router (as transformers keeps it): its logits are then computed in fp32
+        logits = linear(x.to(self.weight.dtype), self.weight)                   # [N, E]
         work = torch.promote_types(logits.dtype, torch.float32)                 # route in fp32 at least
         if self.score_func == "softmax":
             scores = logits.softmax(dim=-1, dtype=work)
@@ -414,21 +415,52 @@ class MoE(nn.Module):
 # The loss: LM head + cross-entropy fused, chunked over tokens
 
 
+def add_weight_grad(grad_w: torch.Tensor, g: torch.Tensor, h: torch.Tensor) -> None:
+    """grad_w [V, D] (fp32+) += g.T @ h for g [n, V], h [n, D] in h's dtype: bf16/fp16 products are summed over
+    the chunks in fp32."""
+    if h.dtype == grad_w.dtype:
+        grad_w.addmm_(g.t(), h)
+    else:
+        grad_w += torch.mm(g.t(), h)
+
+
 class LinearCrossEntropy(torch.autograd.Function):
-    """mean over non-ignored tokens of cross_entropy(h @ weight.T, targets), in fp32, without ever holding the
-    [N, vocab] logits: chunk by chunk, the forward computes the logits, the loss, and (when a gradient is needed)
-    dloss/dlogits = (softmax - onehot) / n in place, then immediately the gradients of h and of the head weight.
-    One exp pass per logit instead of three, no zero-filled [N, vocab] gradient, and the same three matmuls as the
-    unfused head. Backward only scales the stored gradients by the incoming scalar."""
+    """cross_entropy(h @ weight.T, targets) in fp32 (fp64 for fp64 inputs) without ever holding the [N, vocab]
+    logits, chunk by chunk over tokens. Tokens whose target is ignore_index count for nothing.
+
+    reduction "mean" (over the counted tokens; 0 when there are none) or "sum": the forward also computes
+    dloss/dlogits = (softmax - onehot) * scale in place and immediately the gradients of h and of the head weight,
+    so each logit is exponentiated once and no [N, vocab] gradient is ever zero-filled; backward only scales the
+    stored gradients by the incoming scalar.
+    reduction "none": per-token losses [N] (0 where ignored). Their incoming gradient is per token, unknown during
+    the forward, so the forward keeps only the log-sum-exp per token and backward recomputes each chunk's logits
+    (one more [n, D] x [D, V] matmul per chunk)."""
 
     @staticmethod
     def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int,
-                chunk_size: int) -> torch.Tensor:
+                chunk_size: int, reduction: str) -> torch.Tensor:
         N = h.size(0)                                                           # h: [N, D], weight: [V, D]
         valid = targets != ignore_index                                         # [N]
         safe_targets = torch.where(valid, targets, 0)
         acc = torch.promote_types(h.dtype, torch.float32)                       # fp32 (fp64 for fp64 inputs)
-        inv_n = 1.0 / valid.sum().clamp(min=1).to(acc)                          # tensor: no host sync
+        ctx.reduction, ctx.chunk_size, ctx.weight_dtype = reduction, chunk_size, weight.dtype
+        if reduction == "none":
+            # backward recomputes the logits as the forward computed them: under the same autocast, if any
+            device = h.device.type
+            ctx.autocast = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+            losses = torch.empty(N, device=h.device, dtype=acc)
+            lse = torch.empty(N, device=h.device, dtype=acc)                    # log-sum-exp of each row's logits
+            for start in range(0, N, chunk_size):
+                sl = slice(start, min(start + chunk_size, N))
+                logits = torch.mm(h[sl], weight.t()).to(acc)                   # [n, V]
+                lse[sl] = logits.logsumexp(dim=1)
+                losses[sl] = (lse[sl] - logits.gather(1, safe_targets[sl].unsqueeze(1)).squeeze(1)) * valid[sl]
+            ctx.save_for_backward(h, weight, safe_targets, valid, lse)
+            return losses
+        if reduction == "mean":
+            scale = 1.0 / valid.sum().clamp(min=1).to(acc)                      # tensor: no host sync
+        else:
+            scale = torch.ones((), device=h.device, dtype=acc)
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_h = torch.empty_like(h) if need_h else None
         grad_w = None
@@ -446,35 +478,67 @@ class LinearCrossEntropy(torch.autograd.Function):
             s = probs.sum(dim=1, keepdim=True)                                  # [n, 1]
             loss += ((m + s.log() - target_logit).squeeze(1) * v_c).sum()
             if need_h or need_w:
-                row_scale = v_c.unsqueeze(1) * inv_n                            # 1/n, 0 for ignored tokens
-                g = probs.mul_(row_scale / s)                                   # softmax / n
-                g.scatter_add_(1, t_c.unsqueeze(1), -row_scale.to(g.dtype))     # - onehot / n
+                row_scale = v_c.unsqueeze(1) * scale                            # scale, 0 for ignored tokens
+                g = probs.mul_(row_scale / s)                                   # softmax * scale
+                g.scatter_add_(1, t_c.unsqueeze(1), -row_scale.to(g.dtype))     # - onehot * scale
                 g = g.to(h.dtype)                                               # dloss/dlogits: [n, V]
                 if need_h:
                     torch.mm(g, weight, out=grad_h[sl])                         # [n, D]
                 if need_w:
-                    grad_w.addmm_(g.t(), h_c.to(grad_w.dtype))                  # [V, D]
+                    add_weight_grad(grad_w, g, h_c)                             # [V, D]
         ctx.save_for_backward(grad_h, grad_w)
-        ctx.weight_dtype = weight.dtype
-        return loss * inv_n
+        return loss * scale
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
+        if ctx.reduction == "none":
+            return LinearCrossEntropy._backward_none(ctx, grad_out) + (None, None, None, None)
         grad_h, grad_w = ctx.saved_tensors
         if grad_h is not None:
             grad_h = grad_h * grad_out.to(grad_h.dtype)
         if grad_w is not None:
             grad_w = (grad_w * grad_out).to(ctx.weight_dtype)
-        return grad_h, grad_w, None, None, None
+        return grad_h, grad_w, None, None, None, None
+
+    @staticmethod
+    def _backward_none(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """grad_out [N]: per token, dloss/dlogits = (softmax - onehot) * grad_out, from recomputed logits."""
+        h, weight, safe_targets, valid, lse = ctx.saved_tensors
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        N, acc = h.size(0), lse.dtype
+        row_scale = (grad_out.to(acc) * valid).unsqueeze(1)                     # [N, 1], 0 for ignored tokens
+        grad_h = torch.empty_like(h) if need_h else None
+        grad_w = torch.zeros(weight.shape, device=weight.device, dtype=acc) if need_w else None
+        device = h.device.type
+        for start in range(0, N, ctx.chunk_size):
+            sl = slice(start, min(start + ctx.chunk_size, N))
+            with torch.autocast(device, ctx.autocast or torch.bfloat16, enabled=ctx.autocast is not None):
+                logits = torch.mm(h[sl], weight.t())                            # [n, V]
+            g = logits.to(acc).sub_(lse[sl].unsqueeze(1)).exp_().mul_(row_scale[sl])  # softmax * grad_out
+            g.scatter_add_(1, safe_targets[sl].unsqueeze(1), -row_scale[sl])    # - onehot * grad_out
+            g = g.to(h.dtype)                                                   # dloss/dlogits: [n, V]
+            if need_h:
+                torch.mm(g, weight, out=grad_h[sl])                             # [n, D]
+            if need_w:
+                add_weight_grad(grad_w, g, h[sl])                               # [V, D]
+        return grad_h, grad_w if grad_w is None else grad_w.to(ctx.weight_dtype)
+
+
+REDUCTIONS = ("mean", "sum", "none")
 
 
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int = -1,
-                         chunk_size: int = 0) -> torch.Tensor:
-    """Mean cross-entropy of the logits h @ weight.T against targets (ignore_index skipped). h: [..., D]."""
+                         chunk_size: int = 0, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy of the logits h @ weight.T against targets (ignore_index tokens count for nothing).
+    h: [..., D], targets: [...]. reduction "mean" (over counted tokens) or "sum" -> scalar; "none" -> per-token
+    losses shaped like targets, 0 at ignored tokens. fp32 (fp64 for fp64 inputs)."""
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"unknown reduction {reduction!r}; choose one of {', '.join(REDUCTIONS)}")
     if chunk_size <= 0:
         chunk_size = max(16, (1 << 23) // weight.size(0))     # about 32 MiB of fp32 logits per chunk
-    return LinearCrossEntropy.apply(h.reshape(-1, h.size(-1)), weight, targets.reshape(-1), ignore_index,
-                                    chunk_size)
+    loss = LinearCrossEntropy.apply(h.reshape(-1, h.size(-1)), weight, targets.reshape(-1), ignore_index,
+                                    chunk_size, reduction)
+    return loss.view(targets.shape) if reduction == "none" else loss
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -517,6 +581,7 @@ class Transformer(nn.Module):
         # model.to(dtype) never casts it; (re)built on first use on a device (see rope_table)
         self.freqs_cis: torch.Tensor | None = None
         self.window_layers = [i for i in range(args.n_layers) if is_sliding_layer(args, i)]
+        self.loss_chunk_size = 0      # tokens per chunk of the fused head + loss; 0: about 32 MiB of fp32 logits
         self.cache_batch_size = 0
         self.cache_len = 0
         if self.embed.weight.device.type != "meta":
@@ -567,11 +632,17 @@ class Transformer(nn.Module):
     # -- forward ----------------------------------------------------------------------------------------------------
 
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None, start_pos: int | None = None,
-                pad: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
-        """tokens: [B, T]. targets given -> scalar loss (mean cross-entropy in fp32, targets -1 ignored, plus the
-        auxiliary balance loss); otherwise logits [B, T, vocab], or [B, 1, vocab] for the last position only with
-        last_only (a prefill needs no more, and B x T x vocab logits can outweigh the model). start_pos: see the
-        module docstring; pad[b] is the number of left-padding slots of row b (only with start_pos)."""
+                pad: torch.Tensor | None = None, last_only: bool = False, reduction: str = "mean") -> torch.Tensor:
+        """tokens: [B, T]. Without targets: logits [B, T, vocab], or [B, 1, vocab] for the last position only with
+        last_only (a prefill needs no more, and B x T x vocab logits can outweigh the model).
+        With targets [B, T] (-1 = ignored), the cross-entropy through the fused chunked head (fp32, no full logits):
+          reduction "mean": scalar mean over counted tokens + every MoE layer's auxiliary balance loss (training);
+          reduction "sum":  scalar sum of the token NLLs, no auxiliary loss;
+          reduction "none": per-token NLL [B, T] (0 at ignored positions), no auxiliary loss; e.g. summed over a row
+          it is minus the sequence's log-probability, as preference tuning and SFT need, with gradients.
+        The auxiliary loss is a batch-level regulariser: it belongs to the training objective ("mean"), not to a
+        log-probability. start_pos: see the module docstring; pad[b] is the number of left-padding slots of row b
+        (only with start_pos)."""
         B, T = tokens.shape
         end = T if start_pos is None else start_pos + T
         rope = self.rope_table(end, tokens.device)                             # [>= end, rope/2] complex
@@ -610,9 +681,14 @@ class Transformer(nn.Module):
             logits = self.head(h)
             logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # fp32 at least, as the fused loss
             logits = cap * torch.tanh(logits / cap)                             # [B, T, vocab]
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,
+                                   reduction=reduction)
+            loss = loss.view(targets.shape) if reduction == "none" else loss    # [B, T] or scalar
         else:
-            loss = linear_cross_entropy(h, self.head.weight, targets, ignore_index=-1)
+            loss = linear_cross_entropy(h, self.head.weight, targets, ignore_index=-1,
+                                        chunk_size=self.loss_chunk_size, reduction=reduction)
+        if reduction != "mean":
+            return loss                                                         # [B, T] or scalar
         for moe in self.moe_layers():
             if moe.aux_loss is not None:
                 loss = loss + moe.aux_loss
@@ -693,7 +769,8 @@ class Transformer(nn.Module):
         if active:
             a = self.args
             for moe in self.moe_layers():
-                per_expert = sum(p[0].numel() for p in moe.experts.parameters())
+                # numel / rows rather than p[0].numel(): indexing an FSDP-sharded DTensor is a collective
+                per_expert = sum(p.numel() // p.size(0) for p in moe.experts.parameters())
                 total -= (a.n_routed_experts - a.n_activated_experts) * per_expert
         return total
 

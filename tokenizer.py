@@ -28,6 +28,7 @@ import tokenizers
 from tokenizers import AddedToken, Regex, decoders, pre_tokenizers
 from tokenizers.models import BPE
 
+from common import first_line
 from config import InspectTokenizerConfig, TokenizerOptions, UserError, parse_config, run_main
 
 PROJECT_DIR = Path(__file__).resolve().parent
@@ -37,9 +38,48 @@ TEKKEN_FILE = "tekken.json"
 
 # Trained tokenizer: special tokens and their fixed ids (train_tokenizer.py puts them first, in this order).
 PAD_TOKEN, BOS_TOKEN, EOS_TOKEN = "<|pad|>", "<|bos|>", "<|eos|>"
+# Chat turns (chat.py): a turn is <|role|> content <|end_of_turn|>. Tokenizers trained before these existed lack
+# them (their ids 3.. were <|reserved_i|>); chat_template() is None for those and chat.py says how to fix it.
+SYSTEM_TOKEN, USER_TOKEN, ASSISTANT_TOKEN, END_OF_TURN_TOKEN = "<|system|>", "<|user|>", "<|assistant|>", \
+    "<|end_of_turn|>"
+CHAT_TOKENS: tuple[str, ...] = (SYSTEM_TOKEN, USER_TOKEN, ASSISTANT_TOKEN, END_OF_TURN_TOKEN)
 NUM_RESERVED_TOKENS = 5
-TRAINED_SPECIAL_TOKENS: tuple[str, ...] = (PAD_TOKEN, BOS_TOKEN, EOS_TOKEN) + tuple(
+TRAINED_SPECIAL_TOKENS: tuple[str, ...] = (PAD_TOKEN, BOS_TOKEN, EOS_TOKEN) + CHAT_TOKENS + tuple(
     f"<|reserved_{i}|>" for i in range(NUM_RESERVED_TOKENS))
+
+# The chat templates as Jinja, for the exported HF folder's tokenizer_config.json: transformers'
+# apply_chat_template gives exactly chat.py's ids (tests/test_chat.py). {% generation %} marks what the
+# assistant-only loss trains (return_assistant_tokens_mask). Trained tokenizer:
+#   <|bos|> (<|system|>|<|user|>|<|assistant|>) content <|end_of_turn|> ... [<|assistant|> when prompting]
+TRAINED_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% if message['role'] not in ['system', 'user', 'assistant'] %}"
+    "{{ raise_exception('roles must be system, user or assistant') }}{% endif %}"
+    "{% if message['role'] == 'assistant' %}{{ '<|assistant|>' }}"
+    "{% generation %}{{ message['content'] + '<|end_of_turn|>' }}{% endgeneration %}"
+    "{% else %}{{ '<|' + message['role'] + '|>' + message['content'] + '<|end_of_turn|>' }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}")
+# Mistral-Nemo (mistral_common's instruct tokenizer v3, the version of the tekken files it ships): system prompts
+# are joined with a blank line and put before the last user message; an assistant reply has its trailing spaces
+# removed and ends with </s>:  <s>[INST]user[/INST]reply</s>[INST]system\n\nuser[/INST]
+MISTRAL_CHAT_TEMPLATE = (
+    "{% set ns = namespace(system='', last_user=-1) %}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}"
+    "{% set ns.system = message['content'] if not ns.system else ns.system + '\n\n' + message['content'] %}"
+    "{% elif message['role'] == 'user' %}{% set ns.last_user = loop.index0 %}"
+    "{% elif message['role'] != 'assistant' %}{{ raise_exception('roles must be system, user or assistant') }}"
+    "{% endif %}{% endfor %}"
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}"
+    "{% if loop.index0 == ns.last_user and ns.system %}{{ '[INST]' + ns.system + '\n\n' + message['content'] + "
+    "'[/INST]' }}{% else %}{{ '[INST]' + message['content'] + '[/INST]' }}{% endif %}"
+    "{% elif message['role'] == 'assistant' %}"
+    "{% generation %}{{ message['content'].rstrip(' ') + eos_token }}{% endgeneration %}"
+    "{% endif %}{% endfor %}")
 
 # Mistral-Nemo's control tokens. Padding uses <pad> (id 11 in Nemo); a vocabulary without it pads with <unk>
 # (id 0), a control token that byte-level BPE never produces from text, so padding can't collide with real text.
@@ -100,6 +140,16 @@ class Tokenizer:
 
     def id_to_token(self, token_id: int) -> str | None:
         return self.backend.id_to_token(int(token_id))
+
+    @property
+    def chat_template(self) -> str | None:
+        """The Jinja chat template of this tokenizer (see chat.py), or None for a trained tokenizer made before
+        the chat tokens were reserved."""
+        if self.kind == "mistral":
+            return MISTRAL_CHAT_TEMPLATE
+        if all(self.token_to_id(t) is not None for t in CHAT_TOKENS):
+            return TRAINED_CHAT_TEMPLATE
+        return None
 
     def describe(self) -> dict[str, Any]:
         """What shards and checkpoints record about the tokenizer (checked later with check_fingerprint)."""
@@ -192,17 +242,13 @@ def _resolve(path: str | Path) -> Path:
     return path
 
 
-def _first_line(error: BaseException) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
-
-
 def _read_json(path: Path, what: str) -> tuple[str, Any]:
     """(text, parsed JSON) of a file; unreadable or non-JSON files are a one-line UserError."""
     try:
         text = path.read_text(encoding="utf-8")
         return text, json.loads(text)
     except (OSError, UnicodeDecodeError, ValueError) as error:
-        raise UserError(f"cannot read {what} '{path}' ({type(error).__name__}: {_first_line(error)}); "
+        raise UserError(f"cannot read {what} '{path}' ({type(error).__name__}: {first_line(error, 160)}); "
                         f"it must be a readable JSON file") from None
 
 
@@ -213,7 +259,7 @@ def _backend_from_json(text: str, data: Any, path: Path, what: str) -> tuple[tok
     try:
         backend = tokenizers.Tokenizer.from_str(text)
     except Exception as error:  # the Rust side raises a plain Exception with a serde message
-        raise UserError(f"'{path}' is not a valid tokenizer.json ({_first_line(error)}); expected {what}") from None
+        raise UserError(f"'{path}' is not a valid tokenizer.json ({first_line(error, 160)}); expected {what}") from None
     try:
         added = {t["content"]: int(t["id"]) for t in data.get("added_tokens") or []}
         fingerprint = fingerprint_of(data["model"].get("vocab") or {}, data["model"].get("merges") or [], added)

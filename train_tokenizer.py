@@ -1,5 +1,9 @@
 """Train a byte-level BPE tokenizer and write `<output_path>/tokenizer.json` plus `tokenizer_metadata.json`.
 
+The folder is written as one unit (built under a temporary name, then renamed): a crash never leaves a
+tokenizer.json without its metadata, and an existing tokenizer is replaced only with --overwrite, once the new
+one is complete (datasets and checkpoints record the fingerprint of the tokenizer they were made with).
+
     python train_tokenizer.py --vocab_size 32768                       # built-in corpus (offline)
     python train_tokenizer.py --dataset_path_huggingface HuggingFaceFW/fineweb --dataset_sub_set sample-10BT \
         --tokenizer_train_shard_size 50000000 --vocab_size 32768
@@ -14,7 +18,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -26,8 +29,8 @@ from tokenizers.trainers import BpeTrainer
 from tqdm import tqdm
 
 import corpus
-from config import (TrainTokenizerConfig, UserError, make_writable_folder, parse_config, remove_new_folder_on_failure,
-                    run_main)
+from common import atomic_folder, atomic_write, check_destination, recover_atomic_folder
+from config import TrainTokenizerConfig, UserError, parse_config, remove_new_folder_on_failure, run_main
 from tokenizer import (BOS_TOKEN, EOS_TOKEN, METADATA_FILE, PAD_TOKEN, TOKENIZER_FILE, TRAINED_SPECIAL_TOKENS,
                        compute_fingerprint)
 
@@ -64,18 +67,6 @@ def limited_documents(documents: Iterator[str], max_chars: int, progress: tqdm |
         yield text
 
 
-def atomic_write(path: Path, text: str) -> None:
-    """Write via a temporary file and os.replace, so a reader never sees a half-written file."""
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    except OSError as error:
-        tmp.unlink(missing_ok=True)
-        raise UserError(f"cannot write '{path}' ({error.strerror or error}); pass a writable --output_path") \
-            from None
-
-
 def train_on_documents(documents: Iterable[str], vocab_size: int, min_frequency: int = 2,
                        max_chars: int | None = None, show_progress: bool = False) -> tuple[tokenizers.Tokenizer, int]:
     """Learn the BPE merges from documents (at most max_chars characters) with the Rust trainer; returns
@@ -99,8 +90,6 @@ def train(cfg: TrainTokenizerConfig, show_progress: bool = True) -> tuple[tokeni
     """Train on up to cfg.tokenizer_train_shard_size characters of cfg's dataset; returns (tokenizer, chars)."""
     if cfg.vocab_size < MIN_VOCAB_SIZE:  # checked before reading any data
         train_on_documents([], cfg.vocab_size)
-    if cfg.tokenizer_train_shard_size <= 0:
-        raise UserError(f"--tokenizer_train_shard_size must be positive, got {cfg.tokenizer_train_shard_size}")
     documents = corpus.iter_documents(cfg)
     first = next(documents, None)  # read one document now: an empty dataset is an error, not an empty vocab
     if first is None:
@@ -127,15 +116,33 @@ def metadata(tok: tokenizers.Tokenizer, cfg: TrainTokenizerConfig, chars: int) -
     }
 
 
+def check_output(out: Path, overwrite: bool) -> None:
+    """Refuse an output folder that cannot be (re)placed, before training; creates and deletes nothing."""
+
+    check_destination(out, "--output_path")
+    existing = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    ours = {TOKENIZER_FILE, METADATA_FILE}
+    if any(name in ours for name in existing) and not overwrite:
+        raise UserError(f"'{out}' already holds a tokenizer (datasets and checkpoints made with it would no longer "
+                        f"match); pass --overwrite to replace it or choose another --output_path")
+    foreign = [name for name in existing if name not in ours]
+    if foreign:
+        raise UserError(f"the output folder '{out}' holds other files (e.g. {foreign[0]}) that writing the "
+                        f"tokenizer would delete; move them or choose another --output_path")
+
+
 def main(argv: list[str] | None = None) -> None:
+
     cfg = parse_config(TrainTokenizerConfig, argv, description=__doc__.split("\n\n")[0])
-    out = Path(cfg.output_path)
-    with remove_new_folder_on_failure(out):
-        make_writable_folder(out, "--output_path")
+    out = Path(cfg.output_path).expanduser()
+    check_output(out, cfg.overwrite)
+    recover_atomic_folder(out)
+    with remove_new_folder_on_failure(out.parent), atomic_folder(out, "--output_path") as tmp:
         tok, chars = train(cfg)
-    meta = metadata(tok, cfg, chars)
-    atomic_write(out / TOKENIZER_FILE, tok.to_str(pretty=True))
-    atomic_write(out / METADATA_FILE, json.dumps(meta, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+        meta = metadata(tok, cfg, chars)
+        atomic_write(tmp / TOKENIZER_FILE, tok.to_str(pretty=True), "--output_path")
+        atomic_write(tmp / METADATA_FILE, json.dumps(meta, indent=2, sort_keys=True, ensure_ascii=False) + "\n",
+                     "--output_path")
     note = "" if meta["vocab_size"] == cfg.vocab_size else \
         f" (asked for {cfg.vocab_size}; the text supports no more merges)"
     print(f"trained on {chars:,} characters from {meta['source']}: vocab {meta['vocab_size']}{note}, "

@@ -19,6 +19,7 @@ import argparse
 import ctypes
 import gc
 import os
+import statistics
 import shutil
 import sys
 import tempfile
@@ -30,6 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+from common import resolve_device  # noqa: E402
 from config import ModelArgs, model_args_from_preset  # noqa: E402
 from generate import generate, make_decode_step  # noqa: E402
 
@@ -204,7 +206,9 @@ def main() -> None:
     ap.add_argument("--contexts", type=int, nargs="+", default=[128, 1024])
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--new_tokens", type=int, default=32)
-    ap.add_argument("--repeats", type=int, default=3, help="timed runs per case (interleaved; the best is kept)")
+    ap.add_argument("--rounds", type=int, default=5,
+                    help="timed rounds per case after a warm-up; each round runs every implementation once (the "
+                         "order alternating), and the ratio to HF is the median of the per-round ratios")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     ap.add_argument("--compile", action="store_true", help="also time our decode step under torch.compile")
@@ -212,7 +216,7 @@ def main() -> None:
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
-    device = torch.device(a.device)
+    device = resolve_device(a.device)
     torch.manual_seed(0)
 
     from model import Transformer
@@ -265,36 +269,39 @@ def main() -> None:
             for name, fn in impls:
                 fn()  # warm-up (and compilation)
                 with PeakMemory(device) as mem:
-                    toks, s_per_step, prefill_s, cache_b = fn()
-                results[name] = dict(toks=toks, step=s_per_step, prefill=prefill_s, mem=mem.peak_mb, cache=cache_b)
-            for _ in range(a.repeats - 1):  # interleaved repeats, best time kept: robust to a busy machine
-                for name, fn in impls:
+                    toks, _, _, cache_b = fn()
+                results[name] = dict(toks=toks, steps=[], prefills=[], mem=mem.peak_mb, cache=cache_b)
+            for r in range(a.rounds):  # interleaved rounds, order alternating: a busy machine slows both sides
+                for name, fn in (impls if r % 2 == 0 else impls[::-1]):
                     _, s_per_step, prefill_s, _ = fn()
-                    r = results[name]
-                    r["step"], r["prefill"] = min(r["step"], s_per_step), min(r["prefill"], prefill_s)
+                    results[name]["steps"].append(s_per_step)
+                    results[name]["prefills"].append(prefill_s)
             agree = ""
             if "HF" in results:
                 ours_t, hf_t = results["ours"]["toks"], results["HF"]["toks"]
                 same = sum(x == y for r1, r2 in zip(ours_t, hf_t) for x, y in zip(r1, r2))
                 agree = f"{same}/{sum(len(r) for r in ours_t)}"
             for name, r in results.items():
-                tps = bsz / r["step"]
-                ratio = tps / (bsz / results["HF"]["step"]) if "HF" in results else float("nan")
-                rows.append((ctx, bsz, name, r["step"] * 1e3, tps, ratio, r["prefill"] * 1e3, r["mem"],
-                             r["cache"] / 2**20, agree if name == "ours" else ""))
+                step = statistics.median(r["steps"])
+                ratios = [hf / ours for hf, ours in zip(results["HF"]["steps"], r["steps"])] \
+                    if "HF" in results else [float("nan")]
+                rows.append((ctx, bsz, name, step * 1e3, bsz / step, statistics.median(ratios), min(ratios),
+                             max(ratios), statistics.median(r["prefills"]) * 1e3, r["mem"], r["cache"] / 2**20,
+                             agree if name == "ours" else ""))
             cache_rows.append((ctx, bsz, results))
             print(f"  done: context {ctx}, batch {bsz}", flush=True)
 
     print()
-    print(f"decode, greedy, {a.new_tokens} new tokens after a random prompt of `context` tokens "
-          f"(tok/s = batch / time per step; x HF = ratio of decode tok/s; tokens = greedy tokens equal to HF's)")
-    head = f"{'context':>7} {'batch':>5} {'impl':<13} {'ms/step':>8} {'tok/s':>9} {'x HF':>6} " \
+    print(f"decode, greedy, {a.new_tokens} new tokens after a random prompt of `context` tokens; median of "
+          f"{a.rounds} interleaved rounds (wall time; tok/s = batch / time per step; x HF = median of the per-round "
+          f"ratios of decode speed, [range]; tokens = greedy tokens equal to HF's)")
+    head = f"{'context':>7} {'batch':>5} {'impl':<13} {'ms/step':>8} {'tok/s':>9} {'x HF':>6} {'[range]':>13} " \
            f"{'prefill ms':>10} {'peak MB':>8} {'cache MB':>8} {'tokens':>8}"
     print(head)
     print("-" * len(head))
-    for ctx, bsz, name, ms, tps, ratio, pre_ms, mem, cache_mb, agree in rows:
-        print(f"{ctx:>7} {bsz:>5} {name:<13} {ms:>8.2f} {tps:>9.1f} {ratio:>6.2f} {pre_ms:>10.1f} {mem:>8.1f} "
-              f"{cache_mb:>8.2f} {agree:>8}")
+    for ctx, bsz, name, ms, tps, ratio, low, high, pre_ms, mem, cache_mb, agree in rows:
+        print(f"{ctx:>7} {bsz:>5} {name:<13} {ms:>8.2f} {tps:>9.1f} {ratio:>6.2f} {f'[{low:.2f}-{high:.2f}]':>13} "
+              f"{pre_ms:>10.1f} {mem:>8.1f} {cache_mb:>8.2f} {agree:>8}")
     print(f"physical limit at batch 1 (weights/bandwidth): {limit_tps:,.0f} tok/s = {wbytes / bw * 1e3:.2f} ms/step")
     print(f"load average after: {os.getloadavg()[0]:.1f}")
 

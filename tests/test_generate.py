@@ -110,17 +110,18 @@ def test_top_k_and_top_p_combined():
 
 
 def test_temperature_zero_is_greedy_and_deterministic():
-    logits = torch.randn(16, 100)
+    logits = torch.randn(16, 100, generator=torch.Generator().manual_seed(3))
     a = sample_next(logits, temperature=0.0, top_p=0.5, top_k=3, generator=torch.Generator().manual_seed(1))
     b = sample_next(logits, temperature=0.0, top_p=0.5, top_k=3, generator=torch.Generator().manual_seed(2))
     assert torch.equal(a, logits.argmax(-1)) and torch.equal(a, b)
 
 
 def test_same_seed_same_draws():
-    logits = torch.randn(8, 300)
+    logits = torch.randn(8, 300, generator=torch.Generator().manual_seed(4))
     a = sample_next(logits, 1.0, 0.9, 0, torch.Generator().manual_seed(5))
     b = sample_next(logits, 1.0, 0.9, 0, torch.Generator().manual_seed(5))
-    assert torch.equal(a, b)
+    c = sample_next(logits, 1.0, 0.9, 0, torch.Generator().manual_seed(6))
+    assert torch.equal(a, b) and not torch.equal(a, c)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -136,8 +137,7 @@ def _random_model(preset: str, vocab: int = 512, dtype=torch.float64, seed: int 
     args = model_args_from_preset(preset, vocab_size=vocab, init_std=0.1, **overrides)
     model = Transformer(args)
     model.init_weights()
-    model.to(dtype)
-    model.init_buffers()  # Module.to casts the complex RoPE table too: recompute it
+    model.to(dtype)  # the RoPE table is not a buffer: it stays complex64 (the model rebuilds it in rope_table)
     with torch.no_grad():  # a non-zero balancing bias, so that it takes part in routing
         for moe in model.moe_layers():
             moe.gate.bias.normal_(0, 0.05)
@@ -244,6 +244,29 @@ def test_stream_printer_never_prints_partial_characters():
 # The command line on a real tiny checkpoint
 
 
+SENTENCES = [
+    "The cat sat on the mat and looked at the quick brown fox.",
+    "A function returns the value of its argument, or None when there is nothing to return.",
+    "def add(a, b):\n    return a + b\n",
+    "for i in range(10):\n    print(i * i)\n",
+    "Once upon a time there was a small model that learned to write text.",
+    "Numbers such as 12345, 3.14 and 2026 appear in the text too.",
+    "The quick brown fox jumps over the lazy dog; the dog does not mind.",
+    "class Point:\n    def __init__(self, x, y):\n        self.x, self.y = x, y\n",
+    "Hello world! Héllo wörld, naïve café, 日本語.",
+    "if x > 0 and y < 0:\n    raise ValueError('bad sign')\n",
+]
+
+
+def fixed_corpus(n_lines: int = 3000) -> str:
+    """A fixed training text for the fixture's tokenizer (the same on every machine and commit): the sentences in
+    a seeded random order."""
+    import random
+
+    rng = random.Random(0)
+    return "\n".join(rng.choice(SENTENCES) for _ in range(n_lines))
+
+
 def _train_tokenizer(folder, vocab_size: int, text_file):
     import train_tokenizer
 
@@ -262,8 +285,8 @@ def tiny_run(tmp_path_factory):
     from model import Transformer
 
     root = tmp_path_factory.mktemp("generate_cli")
-    text = root / "text.txt"  # some English-and-code text: this project's own sources
-    text.write_text("\n".join(p.read_text() for p in sorted(Path(__file__).parent.parent.glob("*.py"))))
+    text = root / "text.txt"
+    text.write_text(fixed_corpus())
     tok = _train_tokenizer(root / "tokenizer", 300, text)
     other = _train_tokenizer(root / "other_tokenizer", 320, text)
     assert other.fingerprint != tok.fingerprint
@@ -297,13 +320,13 @@ def _one_line_error(proc, *needles):
 
 
 def test_cli_streams_the_greedy_continuation_and_a_summary(script, tiny_run):
-    from checkpoint import load_model
     from generate import generate
+    from hf_interop import load_any_model
 
     proc = _gen(script, tiny_run, "--input_text", "The cat", "--num_tokens_to_generate", "12",
                 "--temperature", "0", "--stop_at_eos", "false")
     assert proc.returncode == 0, proc.stderr
-    model, _ = load_model(tiny_run["root"] / "ckpt")
+    model, _ = load_any_model(tiny_run["root"] / "ckpt")
     tok = tiny_run["tok"]
     ids = generate(model, [[tok.bos_id] + tok.encode("The cat")], 12)[0]
     expected = "The cat" + tok.decode(ids) + "\n"
@@ -322,7 +345,8 @@ def test_cli_batch_from_file_equals_single_prompts(script, tiny_run):
     proc = _gen(script, tiny_run, "--input_file", str(path), "--num_tokens_to_generate", "8", "--temperature", "0",
                 "--num_samples", "2")
     assert proc.returncode == 0, proc.stderr
-    lines = [l for l in proc.stdout.splitlines() if l.startswith("--- [")]
+    # one block per sample (a generated text may hold newlines): split at the markers, not at lines
+    lines = ["--- [" + b.rstrip("\n") for b in proc.stdout.split("\n\n[")[0].split("--- [")[1:]]
     assert len(lines) == 6
     single = _gen(script, tiny_run, "--input_text", prompts[1], "--num_tokens_to_generate", "8",
                   "--temperature", "0")
@@ -330,18 +354,16 @@ def test_cli_batch_from_file_equals_single_prompts(script, tiny_run):
     assert lines[2] == "--- [1.0] " + text and lines[3] == "--- [1.1] " + text
 
 
-def test_cli_errors_are_one_line(script, tiny_run):
+def test_cli_errors_are_one_line(tiny_run):
     root = tiny_run["root"]
-    _one_line_error(_gen(script, tiny_run, "--input_text", "word " * 80, "--num_tokens_to_generate", "4"),
-                    "longer than the context of 64 tokens")
+    text = _main_error(tiny_run, "--input_text", "word " * 80, "--num_tokens_to_generate", "4")
+    assert "longer than the context of 64 tokens" in text
     n_prompt = 1 + len(tiny_run["tok"].encode("Hi"))  # bos + text
-    _one_line_error(_gen(script, tiny_run, "--input_text", "Hi", "--num_tokens_to_generate", "20",
-                         "--max_seq_len", "16"), "context of 16 tokens", f"at most {16 - n_prompt} new tokens fit")
-    _one_line_error(_gen(script, tiny_run, "--input_text", ""), "empty prompt")
-    _one_line_error(script("generate.py", "--save_file_name", str(root / "empty"), "--tokenizer_path",
-                           str(root / "tokenizer"), cwd=root, env=ENV), "no checkpoint")
-    _one_line_error(script("generate.py", "--save_file_name", str(root / "ckpt"), "--tokenizer_path",
-                           str(root / "other_tokenizer"), cwd=root, env=ENV), "fingerprint")
+    text = _main_error(tiny_run, "--input_text", "Hi", "--num_tokens_to_generate", "20", "--max_seq_len", "16")
+    assert "context of 16 tokens" in text and f"at most {16 - n_prompt} new tokens fit" in text, text
+    assert "empty prompt" in _main_error(tiny_run, "--input_text", "")
+    assert "no checkpoint" in _main_error(tiny_run, "--save_file_name", str(root / "empty"))
+    assert "fingerprint" in _main_error(tiny_run, "--tokenizer_path", str(root / "other_tokenizer"))
 
 
 def test_cli_finds_the_tokenizer_the_checkpoint_records(script, tiny_run):
@@ -352,3 +374,113 @@ def test_cli_finds_the_tokenizer_the_checkpoint_records(script, tiny_run):
     assert recorded.returncode == 0, recorded.stderr
     explicit = _gen(script, tiny_run, *args)
     assert recorded.stdout.split("\n\n[")[0] == explicit.stdout.split("\n\n[")[0]
+
+
+def _reference_lines(run, text: str, n_samples: int, n_new: int, **sampling) -> list[str]:
+    """What the CLI prints (--stream=False) for `text`, computed in-process with generate() and a generator seeded
+    as the CLI seeds it."""
+    from generate import generate
+    from hf_interop import load_any_model
+
+    model, _ = load_any_model(run["root"] / "ckpt")
+    tok = run["tok"]
+    seed = sampling.pop("seed")
+    prompt = [tok.bos_id] + tok.encode(text)
+    outs = generate(model, [prompt] * n_samples, n_new, generator=torch.Generator().manual_seed(seed),
+                    eos_id=tok.eos_id, pad_id=tok.pad_id, vocab_size=tok.vocab_size, **sampling)
+    lines = []
+    for k, out in enumerate(outs):
+        line = (f"--- [0.{k}] " if n_samples > 1 else "--- [0] ") + text + tok.decode(out)
+        lines += line.replace("\r\n", "\n").replace("\r", "\n").split("\n")  # as text-mode stdout reads it
+    return lines
+
+
+def _printed_lines(proc) -> list[str]:
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.split("\n\n[")[0].split("\n")
+
+
+def test_cli_seed_and_num_samples(script, tiny_run):
+    """--num_samples continuations per prompt, drawn with --seed: the same seed prints the same text, another seed
+    other text, and the text is what generate() draws with a generator seeded the same way."""
+    args = ("--input_text", "The cat", "--num_tokens_to_generate", "16", "--temperature", "1.0", "--top_p", "1.0",
+            "--num_samples", "3", "--stream=False")
+    first = _printed_lines(_gen(script, tiny_run, *args, "--seed", "5"))
+    again = _printed_lines(_gen(script, tiny_run, *args, "--seed", "5"))
+    other = _printed_lines(_gen(script, tiny_run, *args, "--seed", "6"))
+    assert first == again and first != other
+    assert first == _reference_lines(tiny_run, "The cat", 3, 16, temperature=1.0, top_p=1.0, seed=5)
+    assert sum(line.startswith("--- [0.") for line in first) == 3
+    samples = "\n".join(first).split("--- [0.")[1:]
+    assert len(set(s[2:] for s in samples)) > 1  # the samples of one prompt differ from each other
+
+
+def test_cli_top_k(script, tiny_run):
+    """--top_k 1 leaves only the most likely token: at a high temperature it prints the greedy text; --top_k 3
+    prints what generate() draws from the top 3."""
+    args = ("--input_text", "Once upon", "--num_tokens_to_generate", "12", "--stream=False", "--seed", "3")
+    greedy = _printed_lines(_gen(script, tiny_run, *args, "--temperature", "0"))
+    top1 = _printed_lines(_gen(script, tiny_run, *args, "--temperature", "5", "--top_k", "1"))
+    assert top1 == greedy
+    top3 = _printed_lines(_gen(script, tiny_run, *args, "--temperature", "5", "--top_k", "3", "--top_p", "1"))
+    assert top3 == _reference_lines(tiny_run, "Once upon", 1, 12, temperature=5.0, top_k=3, top_p=1.0, seed=3)
+    assert top3 != greedy
+
+
+def _main_error(run, *args: str) -> str:
+    """generate.main in-process (run_main turns its UserError into the one-line error and exit status 1): the
+    message, checked to be one line."""
+    import generate as generate_script
+    from config import UserError
+
+    with pytest.raises(UserError) as e:
+        generate_script.main(["--save_file_name", str(run["root"] / "ckpt"), "--tokenizer_path",
+                              str(run["root"] / "tokenizer"), "--device", "cpu", *args])
+    text = str(e.value)
+    assert text and "\n" not in text, text
+    return text
+
+
+def test_cli_input_and_option_mistakes_are_one_line(script, tiny_run):
+    root = tiny_run["root"]
+    _one_line_error(_gen(script, tiny_run, "--device", "foo"), "--device", "foo")  # once a traceback
+    assert "--max_seq_len must be >= 0 (got -5)" in _main_error(tiny_run, "--max_seq_len", "-5")
+    assert "--temperature must be a finite number" in _main_error(tiny_run, "--temperature", "nan")
+    assert "is a folder" in _main_error(tiny_run, "--input_file", str(root / "empty"))
+    assert "does not exist" in _main_error(tiny_run, "--input_file", str(root / "missing.txt"))
+    latin1 = root / "latin1.txt"
+    latin1.write_bytes("café crème\n".encode("latin-1"))
+    assert "not UTF-8" in _main_error(tiny_run, "--input_file", str(latin1))
+    # a prompt longer than the context and more new tokens than the context: no negative advice
+    text = _main_error(tiny_run, "--input_text", "word " * 80, "--num_tokens_to_generate", "100")
+    assert "longer than the context of 64 tokens" in text and "at most 63 tokens" in text, text
+    assert "-" not in text.split("at most")[1].split()[0]
+
+
+def _truncate(file: Path) -> None:
+    file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
+
+
+def test_cli_on_a_damaged_checkpoint(script, tiny_run, tmp_path):
+    """A truncated newest checkpoint: generate.py warns, naming it, and uses the newest intact one; when no
+    intact one is left, a one-line error."""
+    import shutil
+
+    from checkpoint import WEIGHTS_FILE, read_meta, save_checkpoint
+
+    root = tiny_run["root"]
+    shutil.copytree(root / "ckpt", tmp_path / "ckpt")
+    intact = read_meta(tmp_path / "ckpt" / "step_000003")
+    newer = save_checkpoint(tmp_path / "ckpt", 5, _random_model("tiny", vocab=tiny_run["tok"].vocab_size, seed=9,
+                                                               max_seq_len=64).float(),
+                            None, {k: intact[k] for k in ("model_args", "tokenizer")}, {}, keep=2)
+    _truncate(newer / WEIGHTS_FILE)
+    args = ("--tokenizer_path", str(root / "tokenizer"), "--input_text", "The cat", "--num_tokens_to_generate", "8",
+            "--temperature", "0", "--stream=False")
+    proc = script("generate.py", "--save_file_name", str(tmp_path / "ckpt"), *args, cwd=root, env=ENV)
+    assert proc.returncode == 0, proc.stderr
+    assert "step_000005" in proc.stderr and "damaged" in proc.stderr
+    assert _printed_lines(proc) == _reference_lines(tiny_run, "The cat", 1, 8, temperature=0.0, seed=0)
+    _truncate(tmp_path / "ckpt" / "step_000003" / WEIGHTS_FILE)
+    _one_line_error(script("generate.py", "--save_file_name", str(tmp_path / "ckpt"), *args, cwd=root, env=ENV),
+                    "every checkpoint", "damaged")

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-transformers = pytest.importorskip("transformers")
+import transformers  # noqa: F401  (a required test dependency: the oracle)
 
 import checkpoint  # noqa: E402
 import hf_interop as hfi  # noqa: E402
@@ -230,8 +230,8 @@ def test_export_import_round_trip_is_bit_identical_and_sharded(tmp_path):
     assert ModelArgs.from_dict(meta["model_args"]) == args  # incl. fields HF has no name for
     assert_state_dicts_identical(original, model.state_dict())
     assert model.head.weight is model.embed.weight  # still tied, for further training
-    # the lead's loader goes through the same path
-    model2, meta2 = checkpoint.load_model(out)
+    # the loader of generate.py and train.py --init_from goes through the same path
+    model2, meta2 = hfi.load_any_model(out)
     assert_state_dicts_identical(original, model2.state_dict())
     # exporting again refuses to overwrite unless asked, and then replaces the folder atomically
     with pytest.raises(UserError, match="already exists"):
@@ -258,10 +258,63 @@ def test_bf16_export_keeps_the_router_in_fp32_like_transformers(tmp_path):
     tokens = torch.randint(0, args.vocab_size, (2, 12), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         torch.testing.assert_close(ours(tokens), hf(tokens).logits, atol=ATOL, rtol=0)
-    native, _ = hfi.load_hf_model(folder)  # as stored: bf16 weights, fp32 balancing bias
-    assert native.embed.weight.dtype == torch.bfloat16 and native.layers[1].ffn.gate.bias.dtype == torch.float32
+    native, _ = hfi.load_hf_model(folder)  # as stored: bf16 weights, fp32 router (weight and balancing bias)
+    assert native.embed.weight.dtype == torch.bfloat16
+    assert native.layers[1].ffn.gate.weight.dtype == native.layers[1].ffn.gate.bias.dtype == torch.float32
     with torch.no_grad():
         assert native(tokens).dtype == torch.bfloat16
+
+
+def test_bf16_folder_with_fp32_router_loads_the_router_unrounded(tmp_path):
+    """transformers (and our --dtype bf16 export) keep the router fp32 in a bf16 folder. Loaded natively, our
+    model keeps it so: upcast to fp32 (exact for the bf16 weights) it computes what transformers computes from the
+    folder in fp32, to 1e-4 and greedy token for token. A router rounded to bf16 on load is off by ~3e-3."""
+    args = random_args(13, n_expert_groups=2)
+    folder = hfi.write_hf_folder(tmp_path / "hf", args, random_model(args, 13).state_dict(), dtype=torch.bfloat16)
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    ours, _ = hfi.load_any_model(folder)
+    assert ours.embed.weight.dtype == torch.bfloat16
+    for moe, layer in zip(ours.moe_layers(), hf.model.layers[args.n_dense_layers:]):
+        assert moe.gate.weight.dtype == moe.gate.bias.dtype == torch.float32
+        assert torch.equal(moe.gate.weight, layer.mlp.gate.weight)  # the file's fp32 values, not rounded
+    ours.float()
+    g = torch.Generator().manual_seed(13)
+    tokens = torch.randint(0, args.vocab_size, (4, 24), generator=g)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(tokens), hf(tokens).logits, atol=ATOL, rtol=0)
+    for n in (3, 5, 8, 11, 6, 9):
+        prompt = torch.randint(3, args.vocab_size, (n,), generator=g).tolist()
+        assert generate(ours, [prompt], 12)[0] == hf_greedy(hf, prompt, 12, eos_id=None)
+
+
+def test_bf16_model_routes_like_transformers_router(tmp_path):
+    """In a bf16 model with an fp32 router, our Gate scores experts from the bf16 activations in fp32 as
+    transformers' DeepseekV3TopkRouter does: the same experts and weights for the same inputs."""
+    args = random_args(14, n_expert_groups=2, n_activated_experts=3)
+    folder = hfi.write_hf_folder(tmp_path / "hf", args, random_model(args, 14).state_dict(), dtype=torch.bfloat16)
+    hf = AutoModelForCausalLM.from_pretrained(folder).eval()
+    ours, _ = hfi.load_any_model(folder)
+    x = torch.randn(64, args.dim, generator=torch.Generator().manual_seed(14)).to(torch.bfloat16)
+    for moe, layer in zip(ours.moe_layers(), hf.model.layers[args.n_dense_layers:]):
+        assert layer.mlp.gate.weight.dtype == torch.float32
+        with torch.no_grad():
+            weights, indices, _ = moe.gate(x)
+            _, hf_weights, hf_indices = layer.mlp.gate(x)
+        order, hf_order = indices.argsort(-1), hf_indices.argsort(-1)
+        assert torch.equal(indices.gather(1, order), hf_indices.gather(1, hf_order))
+        torch.testing.assert_close(weights.gather(1, order), hf_weights.gather(1, hf_order).to(weights.dtype))
+
+
+def test_checkpoint_loaded_in_bf16_equals_its_bf16_export(tmp_path):
+    """load_any_model(checkpoint, dtype=bf16) keeps the router fp32 like the bf16 export does: both load to the
+    same tensors."""
+    args = random_args(15, n_expert_groups=2)
+    save_tiny_checkpoint(tmp_path / "ckpt", args, None, seed=15)
+    hfi.export_hf(tmp_path / "ckpt", tmp_path / "hf", dtype=torch.bfloat16)
+    from_checkpoint, _ = hfi.load_any_model(tmp_path / "ckpt", dtype=torch.bfloat16)
+    from_folder, _ = hfi.load_any_model(tmp_path / "hf")
+    assert_state_dicts_identical(from_checkpoint.state_dict(), from_folder.state_dict())
+    assert from_checkpoint.layers[1].ffn.gate.weight.dtype == torch.float32
 
 # ----------------------------------------------------------------------------------------------------------------
 # import of folders transformers wrote
@@ -387,7 +440,7 @@ def test_trained_model_exports_and_transformers_generates_from_it(tmp_path, caps
     ids = hf_tok(text, return_tensors="pt")
     theirs = hf.generate(**ids, max_new_tokens=12, do_sample=False)[0, ids["input_ids"].shape[1]:].tolist()
 
-    model, meta = checkpoint.load_model(out)  # import goes back through hf_interop
+    model, meta = hfi.load_any_model(out)  # import goes back through hf_interop
     assert meta["tokenizer"] == {**tok.describe(), "path": str((out / "tokenizer.json").resolve())}
     assert hfi.load_folder_tokenizer(out).describe() == tok.describe()  # parsed again: the same identity
     trained = checkpoint.load_weights(checkpoint.resolve_checkpoint(tmp_path / "ckpt") / checkpoint.WEIGHTS_FILE)
@@ -420,7 +473,7 @@ def test_trained_model_exports_and_transformers_generates_from_it(tmp_path, caps
 def test_export_with_mistral_tokenizer_picked_from_the_checkpoint(tmp_path, capsys):
     """A checkpoint trained with Mistral-Nemo's tokenizer exports it (the CLI picks the kind the checkpoint
     records); transformers' tokenizer then encodes like ours, with bos first, and the ids match."""
-    mistral_common = pytest.importorskip("mistral_common")
+    import mistral_common  # a required test dependency (requirements-dev.txt)
     tekken = Path(mistral_common.__file__).parent / "data" / "tekken_240718.json"
     tok = tk.load_mistral_tokenizer(tekken)
     tok.backend.save(str(tmp_path / "mistral.json"))  # the same tokenizer, quicker to load than tekken.json
@@ -436,3 +489,298 @@ def test_export_with_mistral_tokenizer_picked_from_the_checkpoint(tmp_path, caps
     assert hfi.folder_tokenizer_meta(tmp_path / "hf") == tok.describe()
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert (config["bos_token_id"], config["eos_token_id"], config["pad_token_id"]) == (1, 2, tok.pad_id)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# HF folders that are not what they seem: a one-line error naming the problem, nothing loaded
+
+
+def one_line(error: BaseException, *needles: str) -> None:
+    assert isinstance(error, UserError), repr(error)
+    text = str(error)
+    assert text and "\n" not in text, text
+    for needle in needles:
+        assert needle in text, text
+
+
+def hf_folder_with_config(folder: Path, config: dict | str) -> Path:
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(config if isinstance(config, str) else json.dumps(config))
+    return folder
+
+
+@pytest.mark.parametrize("model_type", ["llama", "deepseek_v2"])
+def test_a_folder_of_another_architecture_names_its_model_type(model_type, tmp_path):
+    config = {**hfi.to_hf_config(random_args(40)), "model_type": model_type}
+    folder = hf_folder_with_config(tmp_path / "hf", config)
+    with pytest.raises(UserError) as e:
+        hfi.load_any_model(folder)
+    one_line(e.value, "only 'deepseek_v3'", f'"{model_type}"')
+
+
+@pytest.mark.parametrize("text", ['{"model_type": "deepseek_v3", "hidden', "[1, 2]", "\xff\xfe"])
+def test_a_damaged_config_json_is_reported_as_unreadable(text, tmp_path):
+    folder = hf_folder_with_config(tmp_path / "hf", text)
+    with pytest.raises(UserError) as e:
+        hfi.load_any_model(folder)
+    one_line(e.value, "config", "unreadable")
+
+
+@pytest.mark.parametrize("change, key", [
+    (dict(kv_lora_rank=None), "kv_lora_rank"),
+    (dict(hidden_size="big"), "hidden_size"),
+    (dict(num_hidden_layers=2.5), "num_hidden_layers"),
+    (dict(vocab_size=True), "vocab_size"),
+    (dict(rope_parameters="default"), "rope_parameters"),
+    (dict(tie_word_embeddings="yes"), "tie_word_embeddings"),
+    (dict(qk_rope_head_dim=-4), "qk_rope_head_dim"),
+])
+def test_missing_or_malformed_config_keys_are_named(change, key, tmp_path):
+    config = hfi.to_hf_config(random_args(41))
+    config.pop(hfi.TOOLKIT_KEY)
+    for k, v in change.items():
+        if v is None:
+            config.pop(k)
+        else:
+            config[k] = v
+    with pytest.raises(UserError) as e:
+        hfi.from_hf_config(config)
+    one_line(e.value, key)
+    with pytest.raises(UserError) as e:
+        hfi.load_any_model(hf_folder_with_config(tmp_path / "hf", config))
+    one_line(e.value, key)
+
+
+class _Payload:
+    """Unpickling this creates the file it names: proof that a pickle was loaded."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (str(self.path), "w"))
+
+
+def test_a_bin_only_folder_is_never_unpickled_and_the_hint_works_with_transformers_5(tmp_path):
+    import pickle
+
+    folder = hf_folder_with_config(tmp_path / "hf", hfi.to_hf_config(random_args(42)))
+    marker = tmp_path / "pwned"
+    (folder / "pytorch_model.bin").write_bytes(pickle.dumps(_Payload(marker)))
+    with pytest.raises(UserError) as e:
+        hfi.load_any_model(folder)
+    one_line(e.value, ".bin", "save_pretrained(", "safetensors")
+    assert "safe_serialization" not in str(e.value)  # transformers 5 has no such argument
+    assert not marker.exists()
+    import inspect
+
+    assert "safe_serialization" not in inspect.signature(transformers.PreTrainedModel.save_pretrained).parameters
+
+
+def test_generate_cli_on_folders_that_are_not_deepseek_v3(tmp_path):
+    """What a user sees: one line on stderr, exit status 1."""
+    llama = hf_folder_with_config(tmp_path / "llama", {**hfi.to_hf_config(random_args(43)), "model_type": "llama"})
+    broken = hf_folder_with_config(tmp_path / "broken", '{"model_type": "deepseek_v3", ')
+    for folder, needles in ((llama, ("only 'deepseek_v3'", '"llama"')), (broken, ("unreadable",))):
+        result = run_script("generate.py", "--save_file_name", str(folder), "--device", "cpu", cwd=tmp_path,
+                            timeout=300)
+        assert result.returncode == 1
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error:") and "no checkpoint" not in lines[0], result.stderr
+        for needle in needles:
+            assert needle in lines[0], lines[0]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the export's command line: --max_shard_size, --dtype, --save_tokenizer
+
+
+def dtypes_of(folder: Path) -> dict[str, str]:
+    from safetensors import safe_open
+
+    out = {}
+    for file in folder.glob("*.safetensors"):
+        with safe_open(str(file), "pt") as f:
+            out.update({k: f.get_slice(k).get_dtype() for k in f.keys()})
+    return out
+
+
+def test_export_cli_shards_dtype_and_tokenizer_options(tmp_path, capsys):
+    tok = make_tokenizer(tmp_path / "tokenizer")
+    args = random_args(44, n_expert_groups=2, vocab_size=tok.vocab_size)
+    save_tiny_checkpoint(tmp_path / "ckpt", args, tok, seed=44)
+    common = ["--save_file_name", str(tmp_path / "ckpt"), "--tokenizer_path", str(tmp_path / "tokenizer")]
+
+    hfi.main([*common, "--output_dir", str(tmp_path / "sharded"), "--max_shard_size", "20KB", "--dtype", "bf16"])
+    out = tmp_path / "sharded"
+    index = json.loads((out / hfi.SAFE_INDEX).read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 1 and sorted(p.name for p in out.glob("*.safetensors")) == shards
+    assert all((out / s).stat().st_size <= 20_000 + 10_000 for s in shards)  # a shard: <= the limit + its header
+    dtypes = dtypes_of(out)
+    assert set(dtypes) == set(index["weight_map"])
+    assert {d for k, d in dtypes.items() if ".mlp.gate." in k} == {"F32"}
+    assert {d for k, d in dtypes.items() if ".mlp.gate." not in k} == {"BF16"}
+    assert (out / "tokenizer.json").is_file() and (out / "tokenizer_config.json").is_file()  # the default
+    hf = load_hf(out)  # transformers reads the index and every shard, nothing missing or unexpected
+    assert hf.model.embed_tokens.weight.dtype == torch.bfloat16
+    assert AutoTokenizer.from_pretrained(out)("Hello world")["input_ids"] == [tok.bos_id] + tok.encode("Hello world")
+
+    hfi.main([*common, "--output_dir", str(tmp_path / "plain"), "--save_tokenizer=False", "--dtype", "fp16"])
+    out = tmp_path / "plain"
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "generation_config.json", hfi.SAFE_WEIGHTS]
+    assert {d for k, d in dtypes_of(out).items() if ".mlp.gate." not in k} == {"F16"}
+    assert "exported" in capsys.readouterr().out
+    with pytest.raises(UserError) as e:
+        hfi.main([*common, "--output_dir", str(tmp_path / "x"), "--max_shard_size", "lots"])
+    one_line(e.value, "lots")
+    assert not (tmp_path / "x").exists()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# output paths, a full disk, a kill: a one-line error, the old output intact, nothing left behind
+
+
+def folder_bytes(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def litter(parent: Path) -> list[str]:
+    return sorted(p.name for p in parent.iterdir() if p.name.startswith("."))
+
+
+@pytest.fixture
+def exported(tmp_path):
+    """A checkpoint and an earlier export of it (the output a failed export must leave intact)."""
+    args = random_args(45, n_expert_groups=2)
+    save_tiny_checkpoint(tmp_path / "ckpt", args, None, seed=45)
+    (tmp_path / "out").mkdir()
+    old = hfi.export_hf(tmp_path / "ckpt", tmp_path / "out" / "hf", max_shard_size="30KB")
+    return dict(ckpt=tmp_path / "ckpt", out=old, old=folder_bytes(old))
+
+
+def _export_cli(*args: str, preexec=None, code: str = ""):
+    """The export CLI in a fresh interpreter; `code` runs first (to plant a kill)."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    program = f"import sys; sys.path.insert(0, {str(root)!r})\n{code}\nimport hf_interop, config\n" \
+              f"config.run_main(lambda: hf_interop.main(sys.argv[1:]))"
+    return subprocess.run([sys.executable, "-c", program, *args], capture_output=True, text=True, timeout=300,
+                          preexec_fn=preexec, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def _assert_one_line_failure(result, *needles):
+    assert result.returncode == 1, (result.returncode, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and "Traceback" not in result.stderr, result.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def test_export_to_a_read_only_location_or_onto_a_file(exported, tmp_path):
+    read_only = Path("/sys") / f"hf_export_test_{tmp_path.name}"  # sysfs refuses new folders, even to root
+    with pytest.raises(UserError) as e:
+        hfi.main(["--save_file_name", str(exported["ckpt"]), "--output_dir", str(read_only), "--save_tokenizer=False"])
+    one_line(e.value, str(read_only), "--output_dir")
+    assert not read_only.exists()
+    a_file = tmp_path / "a_file"
+    a_file.write_text("keep me")
+    for target in (a_file, a_file / "hf"):
+        with pytest.raises(UserError) as e:
+            hfi.main(["--save_file_name", str(exported["ckpt"]), "--output_dir", str(target), "--overwrite",
+                      "--save_tokenizer=False"])
+        one_line(e.value, "--output_dir")
+    assert a_file.read_text() == "keep me"
+
+
+def test_export_on_a_full_disk_keeps_the_old_output(exported):
+    import resource
+    import signal
+
+    def small_disk():  # files may not grow past 40 kB: a write beyond fails like a full disk (EFBIG)
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (40_000, resource.RLIM_INFINITY))
+
+    result = _export_cli("--save_file_name", str(exported["ckpt"]), "--output_dir", str(exported["out"]),
+                         "--overwrite", "--save_tokenizer=False", "--max_shard_size", "1GB", preexec=small_disk)
+    _assert_one_line_failure(result, "cannot write", "--output_dir")
+    assert folder_bytes(exported["out"]) == exported["old"]
+    assert litter(exported["out"].parent) == []
+
+
+KILL_AFTER_WEIGHTS = """
+import os, signal, hf_interop
+real = hf_interop.save_hf_weights
+def save_then_die(*args, **kwargs):
+    real(*args, **kwargs)
+    os.kill(os.getpid(), signal.SIGKILL)
+hf_interop.save_hf_weights = save_then_die
+"""
+
+KILL_DURING_THE_SWAP = """
+import os, signal
+real = os.replace
+def replace(src, dst):
+    if os.path.basename(str(src)).startswith(".tmp_hf_"):  # the new folder's rename, after the old one moved aside
+        os.kill(os.getpid(), signal.SIGKILL)
+    real(src, dst)
+os.replace = replace
+"""
+
+
+def test_a_killed_export_leaves_the_old_output_and_nothing_that_blocks_the_rerun(exported):
+    args = ["--save_file_name", str(exported["ckpt"]), "--output_dir", str(exported["out"]), "--overwrite",
+            "--save_tokenizer=False"]
+    result = _export_cli(*args, code=KILL_AFTER_WEIGHTS)
+    assert result.returncode == -9, result.stderr
+    assert folder_bytes(exported["out"]) == exported["old"]  # no partial folder under the final name
+    assert litter(exported["out"].parent)  # the killed export's temporary folder...
+    hfi.main([*args, "--max_shard_size", "30KB"])  # ...is cleaned by the rerun, which succeeds
+    assert litter(exported["out"].parent) == []
+    assert folder_bytes(exported["out"]) == exported["old"]  # the same export again: the same bytes
+
+
+def test_a_kill_between_the_renames_loses_nothing(exported):
+    args = ["--save_file_name", str(exported["ckpt"]), "--output_dir", str(exported["out"]), "--save_tokenizer=False"]
+    result = _export_cli(*args, "--overwrite", code=KILL_DURING_THE_SWAP)
+    assert result.returncode == -9, result.stderr
+    assert not exported["out"].exists()  # killed after moving the old folder aside
+    with pytest.raises(UserError, match="already exists"):  # the next run puts the old folder back first
+        hfi.main(args)
+    assert folder_bytes(exported["out"]) == exported["old"]
+    assert litter(exported["out"].parent) == []
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# a damaged checkpoint
+
+
+def test_export_of_a_damaged_checkpoint(tmp_path, capsys):
+    """A truncated newest checkpoint is named in a warning and the newest intact one exported; a truncated step
+    folder given by name, or a run folder with no intact one left, is an error (one line in the CLI), and no
+    output is left behind."""
+    args = random_args(46)
+    older = save_tiny_checkpoint(tmp_path / "ckpt", args, None, seed=46)
+    model = random_model(args, 47)
+    meta = {"model_args": args.to_dict(), "tokenizer": None, "train_config": {}}
+    newer = checkpoint.save_checkpoint(tmp_path / "ckpt", 9, model, None, meta, {}, keep=2)
+    weights = newer / checkpoint.WEIGHTS_FILE
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    hfi.main(["--save_file_name", str(tmp_path / "ckpt"), "--output_dir", str(tmp_path / "hf"),
+              "--save_tokenizer=False"])
+    assert "step_000009" in capsys.readouterr().err
+    exported, _ = hfi.load_any_model(tmp_path / "hf")
+    assert_state_dicts_identical(exported.state_dict(), checkpoint.load_weights(older / checkpoint.WEIGHTS_FILE))
+
+    with pytest.raises(UserError) as e:
+        hfi.main(["--save_file_name", str(newer), "--output_dir", str(tmp_path / "x"), "--save_tokenizer=False"])
+    one_line(e.value, "damaged", "step_000009")
+    weights = older / checkpoint.WEIGHTS_FILE
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    result = _export_cli("--save_file_name", str(tmp_path / "ckpt"), "--output_dir", str(tmp_path / "x"),
+                         "--save_tokenizer=False")
+    _assert_one_line_failure(result, "every checkpoint", "damaged")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "hf"]

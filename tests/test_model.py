@@ -1,14 +1,18 @@
 """model.py against independent references: naive MLA vs absorbed decode, causality, MoE dispatch vs a per-token
 loop (forward and gradients; the gate, group-limited routing and the shared expert included), aux-loss-free
-balancing, the sequence-wise balance loss, meta-device construction, parameter and FLOP counts."""
+balancing, the sequence-wise balance loss, meta-device construction, parameter and FLOP counts; the fused LM head
++ cross-entropy (every reduction, both gradients) against F.cross_entropy on full float64 logits; every attention
+path against explicit-loop float64 softmax(QK^T * scale + mask) V; every preset's counts and a forward pass."""
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from config import ModelArgs
-from model import MoE, Experts, Transformer
+from model import MoE, Experts, Transformer, linear_cross_entropy
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -117,6 +121,7 @@ def test_causality(variant):
 
 
 def test_meta_construction_then_init_weights():
+    torch.manual_seed(0)
     args = small_args()
     with torch.device("meta"):
         model = Transformer(args)
@@ -522,3 +527,448 @@ def test_num_params_and_flops_match_the_architecture_formula(variant):
         assert active < total
     for seq_len in (3, 64):
         assert model.flops_per_token(seq_len) == pytest.approx(flops_ref(args, seq_len), rel=1e-12)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The fused LM head + cross-entropy against F.cross_entropy on full float64 logits
+
+
+def loss_inputs(dtype, seed=0, B=3, T=7, D=16, V=53):
+    """h [B, T, D], head weight [V, D] (leaf tensors of `dtype`), targets [B, T] with ignored tokens: scattered
+    ones and the whole of row 1 (a sequence with nothing to predict)."""
+    gen = torch.Generator().manual_seed(seed)
+    h = (torch.randn(B, T, D, generator=gen, dtype=torch.float64) * 1.5).to(dtype).requires_grad_()
+    w = (torch.randn(V, D, generator=gen, dtype=torch.float64) * 0.8).to(dtype).requires_grad_()
+    targets = torch.randint(0, V, (B, T), generator=gen)
+    targets[0, 2] = targets[2, 0] = targets[2, 6] = -1
+    targets[1] = -1
+    return h, w, targets
+
+
+def loss_reference(h, w, targets, reduction, probe=None):
+    """F.cross_entropy on the full logits, everything in float64 from the same (rounded) input values:
+    (loss, dloss/dh, dloss/dw); `probe` weights the per-token losses of reduction "none"."""
+    h64, w64 = h.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    logits = h64 @ w64.T                                                        # [B, T, V]
+    loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1, reduction=reduction)
+    if reduction == "none":
+        loss = loss.view(targets.shape)
+    out = (loss * probe).sum() if probe is not None else loss * 1.7
+    gh, gw = torch.autograd.grad(out, (h64, w64))
+    return loss.detach(), gh, gw
+
+
+def loss_and_grads(h, w, targets, reduction, chunk_size, probe=None):
+    loss = linear_cross_entropy(h, w, targets, ignore_index=-1, chunk_size=chunk_size, reduction=reduction)
+    out = (loss * probe).sum() if probe is not None else loss * 1.7             # a non-unit upstream gradient
+    gh, gw = torch.autograd.grad(out, (h, w))
+    return loss.detach(), gh, gw
+
+
+# 21 tokens: chunks of 4 (six chunks, the last one of a single token), 7 (three even chunks), 21 (one), 64 (> N)
+CHUNKS = [4, 7, 21, 64]
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("chunk_size", CHUNKS)
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+def test_fused_loss_and_both_gradients_match_full_logits(reduction, chunk_size, dtype, tol):
+    h, w, targets = loss_inputs(dtype)
+    probe = None
+    if reduction == "none":
+        probe = torch.randn(targets.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    ref, ref_h, ref_w = loss_reference(h, w, targets, reduction, probe)
+    got, got_h, got_w = loss_and_grads(h, w, targets, reduction, chunk_size, None if probe is None else probe.to(dtype))
+    assert got.shape == ref.shape and got.dtype == torch.promote_types(dtype, torch.float32)
+    assert got_h.dtype == h.dtype and got_w.dtype == w.dtype
+    assert (got.double() - ref).abs().max().item() < tol * max(1.0, ref.abs().max().item())
+    for name, a, b in (("h", got_h, ref_h), ("weight", got_w, ref_w)):
+        assert (a.double() - b).abs().max().item() < tol * b.abs().max().item(), name
+    if reduction == "none":
+        assert (got[targets == -1] == 0).all() and (got_h[1] == 0).all()      # ignored tokens: no loss, no gradient
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_fused_loss_bf16_within_stated_tolerance(reduction):
+    """bf16 inputs: the logits come out of a bf16 matmul (8 significant bits: each off by up to 2^-9 of its size)
+    and dloss/dlogits is rounded to bf16 before its two matmuls. Stated tolerance against float64 math on the same
+    bf16 values: each token's loss (log-sum-exp minus the target logit) within 2 x 2^-8 of the largest |logit|
+    (the "sum" of n tokens within n times that), each gradient within 2% of its largest entry."""
+    h, w, targets = loss_inputs(torch.bfloat16, seed=2)
+    per_token = 2 * 2 ** -8 * (h.detach().double() @ w.detach().double().T).abs().max().item()
+    probe = None
+    if reduction == "none":
+        probe = torch.randn(targets.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    ref, ref_h, ref_w = loss_reference(h, w, targets, reduction, probe)
+    got, got_h, got_w = loss_and_grads(h, w, targets, reduction, 4, None if probe is None else probe.to(torch.bfloat16))
+    assert got.dtype == torch.float32 and got_h.dtype == got_w.dtype == torch.bfloat16
+    counted = (targets != -1).sum().item() if reduction == "sum" else 1
+    assert (got.double() - ref).abs().max().item() < per_token * counted
+    for name, a, b in (("h", got_h, ref_h), ("weight", got_w, ref_w)):
+        assert (a.double() - b).abs().max().item() < 0.02 * b.abs().max().item(), name
+
+
+def test_fused_loss_under_bf16_autocast():
+    """fp32 inputs under CPU bf16 autocast (how training runs with --dtype bf16): the logits matmul runs in bf16.
+    Every reduction's gradients within 2% of float64 math, and "none" (whose backward recomputes the logits under
+    the forward's autocast) weighted by 1/n agrees with "mean" to float32 rounding."""
+    h, w, targets = loss_inputs(torch.float32, seed=2)
+    n = (targets != -1).sum()
+    _, ref_h, ref_w = loss_reference(h, w, targets, "mean")
+    got = {}
+    for reduction in ("mean", "none"):
+        with torch.autocast("cpu", torch.bfloat16):
+            loss = linear_cross_entropy(h, w, targets, chunk_size=4, reduction=reduction)
+        assert loss.dtype == torch.float32
+        got[reduction] = torch.autograd.grad(loss.sum() * 1.7 / (n if reduction == "none" else 1), (h, w))
+        for a, b in zip(got[reduction], (ref_h, ref_w)):
+            assert a.dtype == torch.float32 and (a.double() - b).abs().max().item() < 0.02 * b.abs().max().item()
+    for a, b in zip(got["mean"], got["none"]):
+        assert (a - b).abs().max().item() < 1e-5 * a.abs().max().item()
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_fused_loss_with_every_token_ignored_is_zero(reduction):
+    """Where F.cross_entropy's mean is 0/0 = nan, ours is 0 with zero gradients (an all-padding micro-batch
+    must not poison the accumulated gradient)."""
+    h, w, targets = loss_inputs(torch.float64)
+    targets = torch.full_like(targets, -1)
+    got, got_h, got_w = loss_and_grads(h, w, targets, reduction, 4,
+                                       torch.ones(targets.shape, dtype=torch.float64) if reduction == "none" else None)
+    assert (got == 0).all() and (got_h == 0).all() and (got_w == 0).all()
+
+
+def test_fused_loss_rejects_an_unknown_reduction():
+    h, w, targets = loss_inputs(torch.float64)
+    with pytest.raises(ValueError, match="reduction"):
+        linear_cross_entropy(h, w, targets, reduction="avg")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Transformer.forward's loss path: reductions, gradients through the whole model, no full logits kept
+
+
+def model_loss_reference(model, tokens, targets, reduction, probe=None):
+    """The model's own full logits (its forward without targets) in float64 -> F.cross_entropy, and the gradients
+    of every parameter."""
+    model.zero_grad(set_to_none=True)
+    logits = model(tokens)                                                      # [B, T, V]
+    loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1, reduction=reduction)
+    loss = loss.view(targets.shape) if reduction == "none" else loss
+    ((loss * probe).sum() if probe is not None else loss).backward()
+    grads_ = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return loss.detach(), grads_
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("tie,chunk", [(False, 0), (True, 0), (False, 7)])
+def test_model_loss_reductions_match_full_logits(reduction, tie, chunk):
+    """Chunk 0: the default size (one chunk here); 7: five chunks of the 30 tokens, the last one of 2."""
+    model = build(torch.float64, tie_embeddings=tie)
+    model.loss_chunk_size = chunk
+    gen = torch.Generator().manual_seed(5)
+    tokens = torch.randint(0, VOCAB, (3, 10), generator=gen)
+    targets = torch.randint(0, VOCAB, (3, 10), generator=gen)
+    targets[0, :4] = -1                                                         # a masked prompt
+    targets[2] = -1                                                             # a row with nothing to predict
+    probe = torch.randn(3, 10, generator=gen, dtype=torch.float64) if reduction == "none" else None
+    ref, ref_grads = model_loss_reference(model, tokens, targets, reduction, probe)
+    loss = model(tokens, targets, reduction=reduction)
+    assert loss.shape == ref.shape and (loss - ref).abs().max().item() < 1e-12
+    ((loss * probe).sum() if probe is not None else loss).backward()
+    got_grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert got_grads.keys() == ref_grads.keys() and ("head.weight" in got_grads) != tie
+    for name, g in ref_grads.items():
+        assert (got_grads[name] - g).abs().max().item() < 1e-10 * max(1.0, g.abs().max().item()), name
+    if reduction == "none":
+        assert (loss[targets == -1] == 0).all()
+
+
+def test_per_sequence_log_probs_for_preference_tuning():
+    """What DPO/GRPO/SFT take from the model: log p(completion | prompt) per sequence = -(per-token NLL summed over
+    the completion), differentiable. Checked against log_softmax of full float64 logits gathered token by token."""
+    model = build(torch.float64, seed=4)
+    gen = torch.Generator().manual_seed(6)
+    tokens = torch.randint(0, VOCAB, (2, 9), generator=gen)
+    targets = tokens.roll(-1, dims=1)
+    targets[:, -1] = -1
+    targets[0, :3] = targets[1, :5] = -1                                        # prompts of 3 and 5 tokens
+    coef = torch.tensor([0.7, -1.3], dtype=torch.float64)                      # e.g. DPO's chosen / rejected
+    logp = -model(tokens, targets, reduction="none").sum(dim=1)                 # [B]
+    (coef * logp).sum().backward()
+    got = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+
+    logprobs = model(tokens).log_softmax(dim=-1)                                # [B, T, V]
+    ref = torch.stack([sum(logprobs[b, t, targets[b, t]] for t in range(9) if targets[b, t] >= 0)
+                       for b in range(2)])
+    (coef * ref).sum().backward()
+    assert (logp - ref).abs().max().item() < 1e-12
+    for name, p in model.named_parameters():
+        assert (got[name] - p.grad).abs().max().item() < 1e-10 * max(1.0, p.grad.abs().max().item()), name
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_aux_loss_only_in_the_mean_reduction(reduction):
+    model = build(torch.float64, aux_loss_alpha=0.05).train()
+    gen = torch.Generator().manual_seed(8)
+    tokens = torch.randint(0, VOCAB, (2, 12), generator=gen)
+    targets = torch.randint(0, VOCAB, (2, 12), generator=gen)
+    loss = model(tokens, targets, reduction=reduction)
+    aux = sum(moe.aux_loss for moe in model.moe_layers())
+    logits = model(tokens)
+    ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction=reduction)
+    expect = ce + aux if reduction == "mean" else ce.view_as(loss)
+    assert aux.item() > 0.05 and (loss - expect).abs().max().item() < 1e-12
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_loss_path_never_saves_full_logits(reduction):
+    """Every tensor autograd saves for backward: none has the shape of the [N, vocab] logits."""
+    model = build(torch.float32, n_routed_experts=4, moe_inter_dim=8, n_shared_experts=0)
+    tokens = torch.randint(0, VOCAB, (2, 40), generator=torch.Generator().manual_seed(9))
+    N = tokens.numel()
+    saved = []
+
+    def pack(t):
+        saved.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(tokens, tokens, reduction=reduction)
+    loss.sum().backward()
+    assert saved and not [s for s in saved if s and s[-1] == VOCAB and torch.Size(s).numel() >= N * VOCAB]
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):          # the check sees full logits
+        F.cross_entropy(model(tokens).flatten(0, 1), tokens.flatten()).backward()
+    assert [s for s in saved if s and s[-1] == VOCAB and torch.Size(s).numel() >= N * VOCAB]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Attention against explicit float64 references: softmax(Q K^T * scale + mask) V per head and query, from each
+# attention module's own weights and the inputs it received inside the model (captured with hooks), on every path
+
+
+def rms_ref(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    return x / torch.sqrt((x * x).mean(dim=-1, keepdim=True) + eps) * w
+
+
+def rope_ref(x: torch.Tensor, pos: int, theta: float) -> torch.Tensor:
+    """x [..., d] at position pos: pairs (x[2j], x[2j+1]) rotated by the angle pos * theta^(-2j/d)."""
+    d, out = x.size(-1), x.clone()
+    for j in range(d // 2):
+        angle = pos * theta ** (-2 * j / d)
+        c, s = math.cos(angle), math.sin(angle)
+        out[..., 2 * j] = x[..., 2 * j] * c - x[..., 2 * j + 1] * s
+        out[..., 2 * j + 1] = x[..., 2 * j] * s + x[..., 2 * j + 1] * c
+    return out
+
+
+def qkv_ref(attn, x: torch.Tensor, positions: list[int], a: ModelArgs):
+    """One sequence x [S, D] at `positions` -> per-head q [S, H, dqk], k [S, H, dqk], v [S, H, dv] and the
+    softmax scale 1/sqrt(dqk), written from the architecture (MLA: the latent expanded per head, the RoPE key
+    shared by the heads; GQA: query head h reads key/value head h // (H / H_kv))."""
+    W = lambda m: m.weight.detach().double()                                   # noqa: E731
+    S, H, theta = x.size(0), a.n_heads, a.rope_theta
+    if a.attn_type == "mla":
+        nope, rope, dv, r = a.qk_nope_head_dim, a.qk_rope_head_dim, a.v_head_dim, a.kv_lora_rank
+        if a.q_lora_rank:
+            q = rms_ref(x @ W(attn.wq_a).T, W(attn.q_norm), a.norm_eps) @ W(attn.wq_b).T
+        else:
+            q = x @ W(attn.wq).T
+        q = q.view(S, H, nope + rope)
+        latent = x @ W(attn.wkv_a).T                                            # [S, r + rope]
+        kv = (rms_ref(latent[:, :r], W(attn.kv_norm), a.norm_eps) @ W(attn.wkv_b).T).view(S, H, nope + dv)
+        q = torch.stack([torch.cat([q[t, :, :nope], rope_ref(q[t, :, nope:], positions[t], theta)], -1)
+                         for t in range(S)])
+        k = torch.stack([torch.cat([kv[t, :, :nope], rope_ref(latent[t, r:], positions[t], theta).expand(H, rope)],
+                                   -1) for t in range(S)])
+        return q, k, kv[:, :, nope:], (nope + rope) ** -0.5
+    hkv = a.n_kv_heads or H
+    hd = a.head_dim or a.dim // H
+    q = (x @ W(attn.wq).T).view(S, H, hd)
+    k = (x @ W(attn.wk).T).view(S, hkv, hd)
+    v = (x @ W(attn.wv).T).view(S, hkv, hd)
+    q = torch.stack([rope_ref(q[t], positions[t], theta) for t in range(S)])
+    k = torch.stack([rope_ref(k[t], positions[t], theta) for t in range(S)])
+    kv_head = [h // (H // hkv) for h in range(H)]
+    return q, k[:, kv_head], v[:, kv_head], hd ** -0.5
+
+
+def attend_ref(q, k, v, scale: float, keys_of) -> torch.Tensor:
+    """q [Tq, H, dqk], k [S, H, dqk], v [S, H, dv]; keys_of(i): the key slots query i may see -> [Tq, H, dv]."""
+    Tq, H, dv = q.size(0), q.size(1), v.size(-1)
+    out = torch.zeros(Tq, H, dv, dtype=torch.float64)
+    for i in range(Tq):
+        keys = keys_of(i)
+        for h in range(H):
+            scores = [float(q[i, h] @ k[s, h]) * scale for s in keys]
+            m = max(scores)
+            e = [math.exp(z - m) for z in scores]
+            for p, s in zip(e, keys):
+                out[i, h] += p / sum(e) * v[s, h]
+    return out
+
+
+def window_of(a: ModelArgs, layer: int) -> int:
+    """The sliding window of a layer (0: none), from the options: a window of w slots is the query's own slot and
+    the w - 1 before it; sliding_window_layers lists the windowed layers (empty: all)."""
+    if a.sliding_window <= 0:
+        return 0
+    listed = [int(s) for s in a.sliding_window_layers.split(",") if s.strip()]
+    return a.sliding_window if not listed or layer in listed else 0
+
+
+def capture_attention(model: Transformer) -> list[list[tuple]]:
+    """Per layer, every call of its attention module: (input [B, T, D], start_pos, output [B, T, D])."""
+    calls = [[] for _ in model.layers]
+    for i, layer in enumerate(model.layers):
+        layer.attn.register_forward_hook(
+            lambda mod, inp, out, i=i: calls[i].append((inp[0].detach(), inp[2], out.detach())))
+    return calls
+
+
+def check_layer_calls(model: Transformer, calls: list[tuple], layer: int, pad: list[int]) -> float:
+    """Each call's output against the reference over the slots written so far: queries at the call's slots,
+    keys at slots <= the query's, inside the window, not left padding (pad[b] slots of row b, positions counted
+    from the first real slot). Only real query slots are compared. Returns the largest relative error."""
+    a, attn = model.args, model.layers[layer].attn
+    x_all = torch.cat([x for x, _, _ in calls], dim=1)                          # [B, S, D]: every slot once
+    starts = [0 if sp is None else sp for _, sp, _ in calls]
+    assert starts == [sum(x.size(1) for x, _, _ in calls[:j]) for j in range(len(calls))]
+    w = window_of(a, layer)
+    worst = 0.0
+    for b in range(x_all.size(0)):
+        S = x_all.size(1)
+        q, k, v, scale = qkv_ref(attn, x_all[b], [max(s - pad[b], 0) for s in range(S)], a)
+        Wo = attn.wo.weight.detach().double()
+        for (x, _, out), start in zip(calls, starts):
+            slots = [s for s in range(start, start + x.size(1)) if s >= pad[b]]
+            if not slots:
+                continue
+            keys_of = lambda i: [s for s in range(pad[b], slots[i] + 1) if not w or slots[i] - s < w]  # noqa: E731
+            o = attend_ref(q[slots], k, v, scale, keys_of)                      # [n, H, dv]
+            ref = o.flatten(1) @ Wo.T                                           # [n, D]
+            got = out[b, [s - start for s in slots]]
+            worst = max(worst, ((got - ref).abs().max() / ref.abs().max()).item())
+    return worst
+
+
+ATTN_REF_VARIANTS = {
+    "mla": dict(),
+    "mla-qlora": dict(q_lora_rank=12),
+    "mla-window-all": dict(sliding_window=5),
+    "mla-window-layers": dict(sliding_window=5, sliding_window_layers="0,2"),
+    "mha": dict(attn_type="mha"),
+    "gqa": dict(attn_type="mha", n_kv_heads=2),
+    "gqa-window-all": dict(attn_type="mha", n_kv_heads=2, sliding_window=4),
+    "mha-window-layers": dict(attn_type="mha", sliding_window=6, sliding_window_layers="1"),
+}
+ATTN_TOL = 1e-6   # relative; the model builds its RoPE table in float32 (angles off by ~1e-7 relative)
+
+
+@pytest.mark.parametrize("variant", list(ATTN_REF_VARIANTS))
+@torch.no_grad()
+def test_attention_training_path_matches_float64_reference(variant):
+    model = build(torch.float64, seed=11, **ATTN_REF_VARIANTS[variant])
+    calls = capture_attention(model)
+    model(torch.randint(0, VOCAB, (2, 14), generator=torch.Generator().manual_seed(12)))
+    for layer in range(model.args.n_layers):
+        assert check_layer_calls(model, calls[layer], layer, [0, 0]) < ATTN_TOL, layer
+
+
+@pytest.mark.parametrize("variant", list(ATTN_REF_VARIANTS))
+@torch.no_grad()
+def test_attention_cached_paths_match_float64_reference(variant):
+    """Prefill 5 slots (start_pos 0), a second chunk of 4 (start_pos 5, T > 1: the masked prefill), then single
+    tokens (MLA: the absorbed decode against the latent cache) up to 14 slots."""
+    model = build(torch.float64, seed=13, **ATTN_REF_VARIANTS[variant])
+    tokens = torch.randint(0, VOCAB, (2, 14), generator=torch.Generator().manual_seed(14))
+    model.setup_cache(2, 16)
+    calls = capture_attention(model)
+    model(tokens[:, :5], start_pos=0)
+    model(tokens[:, 5:9], start_pos=5)
+    for t in range(9, 14):
+        model(tokens[:, t:t + 1], start_pos=t)
+    for layer in range(model.args.n_layers):
+        assert [c[0].size(1) for c in calls[layer]] == [5, 4, 1, 1, 1, 1, 1]
+        assert check_layer_calls(model, calls[layer], layer, [0, 0]) < ATTN_TOL, layer
+
+
+@pytest.mark.parametrize("variant", list(ATTN_REF_VARIANTS))
+@torch.no_grad()
+def test_attention_left_padded_decode_matches_float64_reference(variant):
+    """Rows of 14, 9 and 5 real tokens left-padded to 14 slots: prefill 10 slots, then decode one at a time."""
+    model = build(torch.float64, seed=15, **ATTN_REF_VARIANTS[variant])
+    pad = [0, 5, 9]
+    tokens = torch.randint(1, VOCAB, (3, 14), generator=torch.Generator().manual_seed(16))
+    model.setup_cache(3, 16)
+    calls = capture_attention(model)
+    model(tokens[:, :10], start_pos=0, pad=torch.tensor(pad))
+    for t in range(10, 14):
+        model(tokens[:, t:t + 1], start_pos=t, pad=torch.tensor(pad))
+    for layer in range(model.args.n_layers):
+        assert check_layer_calls(model, calls[layer], layer, pad) < ATTN_TOL, layer
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Every preset: its parameter counts against the formula and the figures config.py states, and a forward pass
+
+
+# (vocab, parameters without the embedding, all parameters, active per token) as config.py's comments state them;
+# None where a comment gives no figure. Each figure is checked to its last stated digit.
+PRESET_FIGURES = {
+    "tiny": (4096, None, "2.7M", "1.3M"),
+    "tiny-dense": (4096, None, None, None),
+    "small-moe": (32768, None, "24M", "12M"),
+    "moe-30m": (32768, "27M", "35M", None),
+    "gpt2-small": (32768, "101M", None, None),
+    "moe-500m": (32768, "0.49B", "0.52B", "0.15B"),
+    "moe-1.5b": (131072, "1.55B", "1.75B", "0.63B"),
+}
+
+
+def matches_stated(value: int, stated: str) -> bool:
+    """value rounds to `stated` ("2.7M", "0.49B", "101M") at its last digit."""
+    number, unit = stated[:-1], {"M": 1e6, "B": 1e9}[stated[-1]]
+    decimals = len(number.split(".")[1]) if "." in number else 0
+    return round(value / unit, decimals) == float(number)
+
+
+def test_every_preset_has_its_stated_figures():
+    from config import MODEL_PRESETS
+    assert set(PRESET_FIGURES) == set(MODEL_PRESETS)
+
+
+@pytest.mark.parametrize("preset", list(PRESET_FIGURES))
+def test_preset_parameter_count_and_forward_pass(preset):
+    """Full size on the meta device: every count against count_ref and the stated figures. Then a forward and
+    backward pass of the preset's own layer shapes with a 256-token vocabulary and two layers (its first dense
+    layer and, for MoE presets, one MoE layer): counts again, logits, a loss near ln(256) at initialisation and
+    finite gradients everywhere."""
+    from config import model_args_from_preset
+    vocab, no_embed, total, active = PRESET_FIGURES[preset]
+    args = model_args_from_preset(preset, vocab_size=vocab)
+    with torch.device("meta"):
+        model = Transformer(args)
+    ref_total, ref_active, ref_stored = count_ref(args)
+    assert sum(p.numel() for p in model.parameters()) == ref_stored
+    assert model.num_params() == ref_total and model.num_params(active=True) == ref_active
+    for value, stated in ((ref_total, no_embed), (ref_stored, total), (ref_active, active)):
+        assert stated is None or matches_stated(value, stated), (value, stated)
+
+    moe = args.n_dense_layers < args.n_layers
+    small = model_args_from_preset(preset, vocab_size=256, n_layers=2, n_dense_layers=1 if moe else 2)
+    torch.manual_seed(0)
+    model = Transformer(small)
+    model.init_weights()
+    assert sum(p.numel() for p in model.parameters()) == count_ref(small)[2]
+    assert len(model.moe_layers()) == (1 if moe else 0)
+    tokens = torch.randint(0, 256, (2, 9))
+    logits = model(tokens)
+    assert logits.shape == (2, 9, 256) and torch.isfinite(logits).all()
+    loss = model(tokens[:, :-1], tokens[:, 1:])
+    spread = small.init_std ** 2 * small.dim          # variance of the initial logits (the final norm gives |h|^2 = dim)
+    assert math.log(256) - 0.1 < loss.item() < math.log(256) + spread + 0.2   # near-uniform, plus ~spread / 2
+    loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())

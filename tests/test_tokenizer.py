@@ -308,7 +308,8 @@ def test_train_errors_are_one_line(tmp_path):
     assert_one_line_error(run_script("train_tokenizer.py", "--dataset_path_huggingface", str(empty),
                                      "--output_path", str(tmp_path / "out")), "no text")
     assert_one_line_error(run_script("train_tokenizer.py", "--vocab_size", "200",
-                                     "--output_path", str(tmp_path / "out")), "--vocab_size", "264")
+                                     "--output_path", str(tmp_path / "out")), "--vocab_size",
+                          str(256 + len(tk.TRAINED_SPECIAL_TOKENS)))
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
     assert_one_line_error(run_script("train_tokenizer.py", "--output_path", str(blocker / "sub")),
