@@ -55,22 +55,25 @@ PYDOC_HTML = Path("/usr/share/doc/python3/html")
 # a recipe: preset, ModelArgs flags, TrainConfig flags. LR search multiplies every rate of a recipe (lr and, with
 # Muon, muon_lr) by the same factors, so each recipe gets the same number of runs.
 BASE = dict(warm_up=30, min_lr_frac=0.1, weight_decay=0.1, grad_clip=1.0)
+# every recipe names its optimizer and schedule: TrainConfig's defaults must not leak into a recipe
 MUON = dict(optimizer="muon", lr=3e-3, muon_lr=0.02)
+ADAMW = dict(optimizer="adamw")
 WSD = dict(lr_schedule="wsd", decay_frac=0.2)
+COSINE = dict(lr_schedule="cosine")
 GPT2_ARCH = dict(attn_type="mha", tie_embeddings=True)
 RECIPES: dict[str, dict] = {
     # (a) a plain dense GPT-2-style model from our flags: multi-head attention, dense SwiGLU, tied embeddings,
     # AdamW, cosine
-    "gpt2": dict(preset="tiny-dense", model=GPT2_ARCH, train=dict(lr=2e-3)),
+    "gpt2": dict(preset="tiny-dense", model=GPT2_ARCH, train=dict(lr=2e-3, **ADAMW, **COSINE)),
     # (b) today's tiny recipe (quickstart.sh): MLA + MoE, AdamW 3e-3, cosine to 3e-4
-    "tiny-today": dict(preset="tiny", model={}, train=dict(lr=3e-3)),
+    "tiny-today": dict(preset="tiny", model={}, train=dict(lr=3e-3, **ADAMW, **COSINE)),
     # tiny + Muon + WSD with a 20% decay
     "tiny-muon-wsd": dict(preset="tiny", model={}, train={**MUON, **WSD}),
     # ablations: c without one part, or with one option more
-    "tiny-muon": dict(preset="tiny", model={}, train=MUON),
-    "tiny-wsd": dict(preset="tiny", model={}, train=dict(lr=3e-3, **WSD)),
+    "tiny-muon": dict(preset="tiny", model={}, train={**MUON, **COSINE}),
+    "tiny-wsd": dict(preset="tiny", model={}, train=dict(lr=3e-3, **ADAMW, **WSD)),
     "dense-muon-wsd": dict(preset="tiny-dense", model={}, train={**MUON, **WSD}),
-    "dense-adamw": dict(preset="tiny-dense", model={}, train=dict(lr=3e-3)),
+    "dense-adamw": dict(preset="tiny-dense", model={}, train=dict(lr=3e-3, **ADAMW, **COSINE)),
     "gpt2-muon-wsd": dict(preset="tiny-dense", model=GPT2_ARCH, train={**MUON, **WSD}),
     "tiny-muon-wsd-zero": dict(preset="tiny", model=dict(zero_init_out=True), train={**MUON, **WSD}),
     "tiny-muon-wsd-qknorm": dict(preset="tiny", model=dict(qk_norm=True), train={**MUON, **WSD}),
