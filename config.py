@@ -311,6 +311,10 @@ class TrainConfig(TokenizerOptions):
     resume: bool = opt(True, "continue from the latest checkpoint in --save_file_name when there is one")
     overwrite: bool = opt(False, "with --resume=False, replace the run already in --save_file_name (its files are "
                                  "set aside and removed once this run has saved its final checkpoint)")
+    resume_from: str = opt("", "continue from this checkpoint of the run in --save_file_name instead of its newest: "
+                               "<save_file_name>/stable, which a --lr_schedule wsd run keeps at the end of its "
+                               "stable phase, extends a finished run with a larger --steps (the run's later "
+                               "checkpoints are set aside, and removed once the run finishes)")
     init_from: str = opt("", "start from these weights: a checkpoint folder or a HF DeepseekV3 model folder")
     log_file: str = opt("", "JSONL log path; empty means <save_file_name>/log.jsonl")
     log_every: int = opt(1, "print a progress line every this many steps (the JSONL log gets every step)", ge=1)

@@ -39,7 +39,7 @@ import parallel
 from common import DTYPES, atomic_write, autocast_context, first_line, resolve_device, resolve_dtype
 from config import (ModelArgs, TrainConfig, UserError, make_writable_folder, model_args_from_preset, parse_config,
                     run_main)
-from optim import build_optimizer, lr_at, set_lr
+from optim import build_optimizer, decay_start, lr_at, set_lr
 
 # ----------------------------------------------------------------------------------------------------------------
 # Distributed setup
@@ -426,6 +426,8 @@ def _decide_start(cfg: TrainConfig, root: Path) -> dict[str, Any]:
     owner = checkpoint.read_run(root)
     steps = checkpoint.step_folders(root)
     log = Path(cfg.log_file) if cfg.log_file else root / "log.jsonl"
+    if cfg.resume_from:
+        return _resume_from(cfg, root, owner, steps)
     if not cfg.resume and (owner or steps):
         if not cfg.overwrite:
             raise UserError(f"'{root}' already holds a run ({len(steps)} checkpoint(s)); rerun without "
@@ -433,7 +435,7 @@ def _decide_start(cfg: TrainConfig, root: Path) -> dict[str, Any]:
                             f"--save_file_name")
         aside = root / f"replaced_{(owner or {}).get('run_id') or 'run'}"
         aside.mkdir(exist_ok=True)
-        for path in [*steps, log, root / BEST]:
+        for path in [*steps, log, root / BEST, root / STABLE]:
             if path.exists():
                 os.replace(path, aside / path.name)
         return {"resume": None, "replaces": [str(aside)]}
@@ -443,6 +445,29 @@ def _decide_start(cfg: TrainConfig, root: Path) -> dict[str, Any]:
     if log.is_file() and log.stat().st_size:
         raise UserError(f"--log_file '{log}' already holds another run's log; choose another --log_file")
     return {"resume": None, "replaces": []}
+
+
+def _resume_from(cfg: TrainConfig, root: Path, owner: dict[str, Any] | None, steps: list[Path]) -> dict[str, Any]:
+    """--resume_from: an earlier checkpoint of this run (e.g. the end of a WSD run's stable phase). The run's later
+    step folders are set aside, so that a later plain resume never jumps back to them."""
+    path = Path(cfg.resume_from)
+    problem = checkpoint.verify_checkpoint(path, deep=True) if path.is_dir() else "it does not exist"
+    if problem:
+        raise UserError(f"--resume_from '{path}' cannot be resumed: {problem}")
+    meta = checkpoint.read_meta(path)
+    if not owner or meta.get("run_id") != owner.get("run_id"):
+        raise UserError(f"--resume_from '{path}' is not a checkpoint of the run in '{root}'; pass one of its "
+                        f"checkpoints, or start from other weights with --init_from")
+    later = [p for p in steps if int(p.name[len("step_"):]) > int(meta["step"])]
+    aside = root / f"replaced_after_{int(meta['step']):06d}"
+    if later:
+        aside.mkdir(exist_ok=True)
+        for p in later:
+            os.replace(p, aside / p.name)
+    return {"resume": str(path), "replaces": [str(aside)] if later else []}
+
+
+STABLE = "stable"
 
 
 def prepare(cfg: TrainConfig, overrides: dict[str, Any], d: DistInfo, tokenizer: Any) -> Run:
@@ -847,6 +872,8 @@ def fit(run: Run, task: Task) -> int:
                     path = save(run, step, task, name=BEST, val_loss=best)
                     run.logger.print(f"new best val loss {best:.4f}: saved {path}")
                 speed.remeasure()
+            if cfg.lr_schedule == "wsd" and step == decay_start(cfg) < cfg.steps:  # extendable: see --resume_from
+                save(run, step, task, name=STABLE)
             if step % cfg.save_rate == 0 or step == cfg.steps or stop_now:
                 path = save(run, step, task)
                 run.logger.print(f"saved {path}", force=stop_now or step == cfg.steps)

@@ -606,3 +606,24 @@ def test_keep_best_keeps_the_lowest_validation_loss(corpus, tmp_path: Path) -> N
     assert sorted(read_log(save / "log.jsonl", "eval")) == [2, 4, 6, 8]
     kept = json.loads((save / "best" / "meta.json").read_text())
     assert kept["step"] == best_step and kept["val_loss"] == 0.01
+
+
+def test_a_finished_wsd_run_extends_exactly(corpus, tmp_path: Path) -> None:
+    # WSD holds the peak rate until the last decay_frac of the steps: the checkpoint at the end of that stable phase
+    # does not depend on --steps, so a finished 10-step run resumed from it with --steps 15 equals a 15-step run
+    wsd = [*FOLDER_RUN, "--lr_schedule", "wsd", "--decay_frac", "0.4", "--save_rate", "5", "--eval_rate", "0"]
+    run_ok(*train_args(corpus, tmp_path / "long", *wsd, "--steps", "15"))
+    run_ok(*train_args(corpus, tmp_path / "run", *wsd, "--steps", "10"))
+    assert json.loads((tmp_path / "run" / "stable" / "meta.json").read_text())["step"] == 6
+    r = run_ok(*train_args(corpus, tmp_path / "run", *wsd, "--steps", "15", "--resume_from",
+                           str(tmp_path / "run" / "stable")))
+    assert "at step 6" in r.stdout
+    got, want = read_log(tmp_path / "run" / "log.jsonl"), read_log(tmp_path / "long" / "log.jsonl")
+    assert sorted(got) == sorted(want) == list(range(1, 16))
+    assert [got[s]["loss"] for s in want] == [want[s]["loss"] for s in want]
+    assert [got[s]["lr"] for s in want] == [want[s]["lr"] for s in want]
+    assert sorted(p.name for p in (tmp_path / "run").glob("step_*")) == ["step_000005", "step_000010", "step_000015"]
+    assert not list((tmp_path / "run").glob("replaced_*"))  # the old run's later steps went once it finished
+    one_line_error(run_script("train.py", *train_args(corpus, tmp_path / "run", *wsd, "--steps", "20",
+                                                      "--resume_from", str(tmp_path / "long" / "stable")),
+                              env=ONE_THREAD), "is not a checkpoint of the run")
