@@ -717,7 +717,7 @@ def evaluate_loss(run: Run, batches: Iterable[Any], loss_fn: Any, total: int | N
     (ranks should split one fixed set of batches, so the figure does not depend on the world size)."""
     from tqdm import tqdm
 
-    model = run.eval_model or run.raw
+    model = run.eval_model if run.eval_model is not None else run.raw
     was_training = model.training
     model.eval()
     sums: dict[str, torch.Tensor] = {}

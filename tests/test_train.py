@@ -193,7 +193,8 @@ def test_init_from_checkpoint_starts_from_its_weights(corpus, uninterrupted: Pat
     # one step at a negligible learning rate: the saved weights are the --init_from weights (the MoE balancing bias
     # moves by its own fixed step, bias_update_speed, whatever the learning rate)
     one_step = [*SMALL, "--steps", "1", "--batch_size", "4", "--total_batch_size", "128", "--eval_rate", "0",
-                "--quiet", "--lr", "1e-12", "--min_lr", "0", "--warm_up", "0", "--weight_decay", "0"]
+                "--quiet", "--lr", "1e-12", "--min_lr", "0", "--warm_up", "0", "--weight_decay", "0",
+                "--optimizer", "adamw"]
     init = run_ok(*train_args(corpus, tmp_path / "init", *one_step, "--init_from", str(uninterrupted)))
     assert "initialised from" in init.stdout
     got, want = final_weights(tmp_path / "init"), final_weights(uninterrupted)
@@ -238,7 +239,7 @@ def test_tiny_preset_learns_below_unigram_entropy(corpus, tmp_path: Path) -> Non
 
 
 AUTOCAST = ["--steps", "4", "--batch_size", "4", "--total_batch_size", "128", "--warm_up", "1", "--eval_rate", "4",
-            "--eval_steps", "1", "--quiet"]
+            "--eval_steps", "1", "--quiet", "--optimizer", "adamw"]  # Muon's bf16 Newton-Schulz would blur the compare
 
 
 @pytest.fixture(scope="module")
@@ -372,7 +373,8 @@ def test_train_step_is_accumulated_clipped_adamw(corpus, tmp_path: Path) -> None
     cfg, overrides = parse_config(TrainConfig, train_args(corpus, tmp_path / "run", *SMALL, "--batch_size", "2",
                                                           "--total_batch_size", "192", "--grad_clip", "0.05",
                                                           "--lr", "1e-2", "--warm_up", "0", "--steps", "3",
-                                                          "--weight_decay", "0.1", "--eval_rate", "0"),
+                                                          "--weight_decay", "0.1", "--eval_rate", "0",
+                                                          "--optimizer", "adamw", "--lr_schedule", "cosine"),
                                   with_model_args=True)
     d = train.setup_distributed("cpu")
     run = train.prepare(cfg, overrides, d, train.load_pretrain_tokenizer(cfg))

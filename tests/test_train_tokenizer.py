@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from tokenizer import TRAINED_SPECIAL_TOKENS
 import tokenizers
 
 import train_tokenizer as tt
@@ -90,8 +92,8 @@ def test_an_existing_tokenizer_is_replaced_only_with_overwrite(tmp_path, text_fi
 
 @pytest.mark.parametrize("args, expected", [
     (("--min_frequency", "-3"), "--min_frequency must be >= 1 (got -3)"),
-    (("--vocab_size", "100"), "--vocab_size must be >= 256"),
-    (("--vocab_size", "260"), "at least 264"),
+    (("--vocab_size", "100"), "--vocab_size 100 is too small"),
+    (("--vocab_size", "260"), f"at least {256 + len(TRAINED_SPECIAL_TOKENS)}"),
     (("--tokenizer_train_shard_size", "0"), "--tokenizer_train_shard_size must be >= 1"),
     (("--overwrite", "perhaps"), "expected a boolean"),
 ])
