@@ -155,9 +155,6 @@ class Tokenizer:
         """What shards and checkpoints record about the tokenizer (checked later with check_fingerprint)."""
         return {"kind": self.kind, "fingerprint": self.fingerprint, "vocab_size": self.vocab_size}
 
-    def __len__(self) -> int:
-        return self.vocab_size
-
     def __repr__(self) -> str:
         return (f"Tokenizer(kind={self.kind!r}, vocab_size={self.vocab_size}, bos={self.bos_id}, "
                 f"eos={self.eos_id}, pad={self.pad_id}, fingerprint={self.fingerprint!r})")
