@@ -10,7 +10,7 @@ baseline, today's `tiny` recipe, the default recipe and ablations, each trained 
 Regimes. epochs: the built-in corpus (~2 MB of Python's docstrings and help topics), several epochs within the
 budget; 10% of its documents (a seeded random choice, so the same distribution) are the validation split.
 single: one pass (less than one epoch) over Python's HTML documentation as text (Debian's python3-doc package:
-`apt-get install python3-doc`) plus the docstrings of the installed transformers, torch and numpy (~7M tokens),
+`apt-get install python3-doc`; its index pages, lists of names rather than text, are left out) plus the docstrings of the installed transformers, torch and numpy (~7M tokens),
 2% of the documents held out.
 
 Budget. Compute is counted in CPU seconds of one process running one thread (time.process_time): wall-clock on a
@@ -23,7 +23,7 @@ Each run is what train.py does with the recipe's flags: the same model (ModelArg
 initialisation, optimizer (optim.build_optimizer), schedule (optim.set_lr), gradient clipping, MoE balancing-bias
 update; batches are shuffled non-overlapping windows of the training tokens, as train.py's loader with --shuffle.
 Metric: validation bits per byte = mean loss / ln 2 / (UTF-8 bytes per token of the validation split), over the
-whole validation split (capped at --val_tokens), evaluated at 10 points of the run: `final` at the end, `best`
+whole validation split (or, above --val_tokens, windows spread evenly over all of it), evaluated at 10 points of the run: `final` at the end, `best`
 the lowest seen (what --keep_best keeps).
 """
 from __future__ import annotations
@@ -84,6 +84,9 @@ RECIPES: dict[str, dict] = {
     "tiny-muon-wsd-bias001": dict(preset="tiny", model=dict(bias_update_speed=0.001), train={**MUON, **WSD}),
     # (c) the default recipe (TrainConfig's defaults, quickstart.sh's rates): Muon + WSD with a 40% decay
     "tiny-muon-wsd40": dict(preset="tiny", model={}, train={**MUON, **WSD, "decay_frac": 0.4}),
+    "tiny-muon-wsd40-drop": dict(preset="tiny", model=dict(dropout=0.1), train={**MUON, **WSD, "decay_frac": 0.4}),
+    # MoE against dense: our dense preset with the default recipe
+    "dense-muon-wsd40": dict(preset="tiny-dense", model={}, train={**MUON, **WSD, "decay_frac": 0.4}),
 }
 
 
@@ -135,6 +138,9 @@ class _MainText(html.parser.HTMLParser):
         return "\n".join(out).strip()
 
 
+NOT_PROSE = ("genindex", "py-modindex", "modindex", "search", "contents")
+
+
 def pydoc_documents() -> list[str]:
     root = PYDOC_HTML.resolve() if PYDOC_HTML.exists() else Path("/usr/share/doc/python3-doc/html").resolve()
     files = sorted(root.rglob("*.html"))
@@ -142,6 +148,8 @@ def pydoc_documents() -> list[str]:
         raise SystemExit("the single-pass regime needs Python's HTML documentation: apt-get install python3-doc")
     docs = []
     for f in files:
+        if f.stem.startswith(NOT_PROSE):   # index pages: one of them alone was 157k tokens of "name() (in module x)"
+            continue
         parser = _MainText()
         parser.feed(f.read_text(encoding="utf-8", errors="replace"))
         text = parser.text()
@@ -200,7 +208,6 @@ def prepare(regime: str, work: Path) -> dict:
         order = list(range(len(docs)))
         random.Random(0).shuffle(order)
         n_val = int(len(docs) * (0.1 if regime == "epochs" else 0.02))
-        # validation documents in random order: a --val_tokens prefix of them is still a random sample
         split = {"val": order[:n_val], "train": sorted(order[n_val:])}
         if regime == "single":  # one pass: the training documents in a random order
             split["train"] = order[n_val:]
@@ -287,14 +294,22 @@ class Windows:
         return xy[:, :-1], xy[:, 1:]
 
 
-@torch.no_grad()
-def val_bpb(model, val: np.ndarray, bytes_per_token: float, device) -> float:
-    model.eval()
+def val_windows(val: np.ndarray, max_tokens: int) -> np.ndarray:
+    """[n, SEQ_LEN + 1] windows of the validation split: all of them, or at most max_tokens // SEQ_LEN spread evenly
+    over the whole split (a token-weighted sample of every document, never one long document's prefix)."""
     n = (len(val) - 1) // SEQ_LEN
+    picked = np.unique(np.linspace(0, n - 1, min(n, max(1, max_tokens // SEQ_LEN))).round().astype(np.int64))
+    return np.stack([val[i * SEQ_LEN:i * SEQ_LEN + SEQ_LEN + 1] for i in picked]).astype(np.int64)
+
+
+@torch.no_grad()
+def val_bpb(model, windows: np.ndarray, bytes_per_token: float, device) -> float:
+    """Mean loss over the windows / ln 2 / the whole split's bytes per token: the windows are an even sample of the
+    split's tokens, so this estimates the split's bits over its bytes."""
+    model.eval()
     total, count = 0.0, 0
-    for start in range(0, n, 32):
-        rows = [val[i * SEQ_LEN:i * SEQ_LEN + SEQ_LEN + 1].astype(np.int64) for i in range(start, min(n, start + 32))]
-        xy = torch.from_numpy(np.stack(rows)).to(device)
+    for start in range(0, len(windows), 32):
+        xy = torch.from_numpy(windows[start:start + 32]).to(device)
         loss = model(xy[:, :-1], xy[:, 1:])
         total += loss.item() * xy[:, 1:].numel()
         count += xy[:, 1:].numel()
@@ -341,7 +356,7 @@ def _run_one(job: dict) -> dict:
         torch.backends.cuda.matmul.allow_tf32 = False   # fp32 as on the CPU
         torch.backends.cudnn.allow_tf32 = False
     train_tokens = np.load(job["train"])
-    val = np.load(job["val"])[:job["val_tokens"] + 1]
+    val = val_windows(np.load(job["val"]), job["val_tokens"])
     cfg, args = recipe_config(job["recipe"], job["lr_mult"], job["steps"], job["vocab"])
     model, optimizer = build(cfg, args, device, job["seed"])
     data = Windows(train_tokens, job["seed"], shuffle=job.get("shuffle", True))

@@ -3,6 +3,7 @@
 # against fp32, fused AdamW, torch.compile (inductor), an NCCL process group with DDP, flash SDPA, Muon, FSDP2 with a
 # bf16 mixed-precision policy, SFT, and generation. Prints one PASS/FAIL line per check; exits non-zero on a FAIL.
 #   bash bench/gpu_smoke.sh [work folder]
+#   ONLY="tokenizer tokenize fsdp_1gpu" bash bench/gpu_smoke.sh      # a subset (a check needs the ones it reads)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 W="${1:-/tmp/gpu_smoke}"
@@ -12,6 +13,7 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 FAILS=0
 check() {  # check NAME COMMAND...: run, keep the log, print PASS/FAIL with the last line
     local name=$1; shift
+    if [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" $name "* ]]; then return; fi   # ONLY="a b": run just those
     local t0=$SECONDS
     if "$@" >"$W/$name.log" 2>&1; then
         echo "PASS $name ($((SECONDS - t0)) s): $(tail -n 1 "$W/$name.log" | cut -c1-200)"
@@ -94,8 +96,15 @@ for attn in ("mla", "mha"):
     m.init_weights(); m.to(torch.bfloat16)
     x = torch.randint(0, 512, (2, 256), device="cuda")
     with torch.no_grad():
+        # the bf16 math kernel's own rounding is the yardstick: a fused kernel may differ from the fp32 result by
+        # as much as bf16 math does, not more
+        with torch.device("cuda"):
+            exact = Transformer(model_args_from_preset("small-moe", vocab_size=512, attn_type=attn))
+        exact.load_state_dict({k: v.float() for k, v in m.state_dict().items()})
         with sdpa_kernel(SDPBackend.MATH):
+            fp32 = exact(x)
             ref = m(x).float()
+        ref_err = (ref - fp32).abs().max().item()
         used = None
         for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION):
             try:
@@ -104,9 +113,9 @@ for attn in ("mla", "mha"):
                 used = backend; break
             except RuntimeError as e:
                 print(attn, backend, "not usable:", str(e).splitlines()[0][:120])
-    err = (out - ref).abs().max().item()
-    print(attn, "fused kernel", used, "max |diff| vs math", err)
-    assert used is not None and err < 0.1
+    err = (out - fp32).abs().max().item()
+    print(attn, "fused kernel", used, f"max |diff| vs fp32 {err:.4f}; bf16 math kernel vs fp32 {ref_err:.4f}")
+    assert used is not None and err <= 1.5 * ref_err + 0.02
 print("ok")
 EOF
 check generate $PY generate.py "${TOK[@]}" --save_file_name "$W/bf16" --input_text "The function returns" \
@@ -114,7 +123,7 @@ check generate $PY generate.py "${TOK[@]}" --save_file_name "$W/bf16" --input_te
 check generate_compiled $PY generate.py "${TOK[@]}" --save_file_name "$W/bf16" --input_text "The function returns" \
     --num_tokens_to_generate 64 --temperature 0 --device cuda --dtype bf16 --compile_model
 check fsdp_1gpu $PY -m torch.distributed.run --standalone --nproc_per_node=1 train.py "${BASE[@]}" --dtype bf16 \
-    --parallel fsdp --save_file_name "$W/fsdp"
+    --parallel fsdp --optimizer adamw --save_file_name "$W/fsdp"
 check sft $PY sft.py --init_from "$W/bf16" --save_file_name "$W/sft" --steps 20 --device cuda --dtype bf16 \
     --seq_len 256 --batch_size 8 --total_batch_size 2048 --eval_rate 20
 echo "fails: $FAILS"
