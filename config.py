@@ -283,6 +283,8 @@ class TrainConfig(TokenizerOptions):
     optimizer: str = opt("muon", "adamw: AdamW everywhere; muon: Muon for the hidden weight matrices (attention, "
                                   "feed-forward, routed experts) and AdamW (--lr) for the embedding, head, norms "
                                   "and router", choices=("adamw", "muon"))
+    embed_lr: float = opt(0.0, "peak AdamW rate of the token embedding, without weight decay (0: --lr, with "
+                               "decay; an embedding tied to the head always follows --lr)", ge=0)
     muon_lr: float = opt(0.02, "peak Muon learning rate (with --muon_lr_rule original it transfers across widths)",
                          gt=0)
     muon_lr_rule: str = opt("original", "per-matrix Muon rate: original = muon_lr * sqrt(max(1, out/in)) "

@@ -163,6 +163,22 @@ def muon_split(model: torch.nn.Module) -> tuple[list[torch.nn.Parameter], list[t
     return hidden, experts, decay, no_decay
 
 
+def adamw_groups(model: torch.nn.Module, cfg: TrainConfig, decay: list[torch.nn.Parameter],
+                 no_decay: list[torch.nn.Parameter]) -> list[dict[str, Any]]:
+    """AdamW's groups: matrices with weight decay, vectors without, and with --embed_lr the token embedding on its
+    own at that rate without decay (its rows are read through the first RMSNorm, so only their direction counts,
+    and a row is updated only when its token occurs; modded-nanogpt and nanochat step it 50-100x faster than the
+    head). A tied embedding is the head and stays in `decay`."""
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay, "lr_scale": 1.0},
+              {"params": no_decay, "weight_decay": 0.0, "lr_scale": 1.0}]
+    embed = getattr(getattr(model, "embed", None), "weight", None)
+    head = getattr(getattr(model, "head", None), "weight", None)
+    if cfg.embed_lr > 0 and embed is not None and embed is not head and any(p is embed for p in decay):
+        groups[0]["params"] = [p for p in decay if p is not embed]
+        groups.append({"params": [embed], "weight_decay": 0.0, "lr_scale": cfg.embed_lr / cfg.lr})
+    return groups
+
+
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
     """--optimizer adamw: AdamW with weight decay on matrices (>= 2-D: embeddings, projections, stacked experts)
     only. --optimizer muon: see the module docstring. Every group carries `lr_scale`, its peak rate over --lr,
@@ -172,14 +188,12 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.devi
     if cfg.optimizer == "adamw":
         decay = [p for p in params if p.dim() >= 2]
         no_decay = [p for p in params if p.dim() < 2]
-        groups = [{"params": decay, "weight_decay": cfg.weight_decay, "lr_scale": 1.0},
-                  {"params": no_decay, "weight_decay": 0.0, "lr_scale": 1.0}]
-        return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8, **extra)
+        return torch.optim.AdamW(adamw_groups(model, cfg, decay, no_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                                 eps=1e-8, **extra)
     hidden, experts, decay, no_decay = muon_split(model)
-    adamw_groups = [{"params": decay, "weight_decay": cfg.weight_decay, "lr_scale": 1.0},
-                    {"params": no_decay, "weight_decay": 0.0, "lr_scale": 1.0}]
     parts: list[torch.optim.Optimizer] = [
-        torch.optim.AdamW(adamw_groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8, **extra)]
+        torch.optim.AdamW(adamw_groups(model, cfg, decay, no_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                          eps=1e-8, **extra)]
     muon = dict(lr=cfg.muon_lr, weight_decay=cfg.muon_weight_decay, momentum=cfg.muon_momentum, nesterov=True,
                 adjust_lr_fn=cfg.muon_lr_rule)
     scale = cfg.muon_lr / cfg.lr

@@ -85,6 +85,11 @@ RECIPES: dict[str, dict] = {
     # (c) the default recipe (TrainConfig's defaults, quickstart.sh's rates): Muon + WSD with a 40% decay
     "tiny-muon-wsd40": dict(preset="tiny", model={}, train={**MUON, **WSD, "decay_frac": 0.4}),
     "tiny-muon-wsd40-drop": dict(preset="tiny", model=dict(dropout=0.1), train={**MUON, **WSD, "decay_frac": 0.4}),
+    **{f"tiny-muon-wsd40-emb{k}": dict(preset="tiny", model={}, train={**MUON, **WSD, "decay_frac": 0.4,
+                                                                         "embed_x": k}) for k in (3, 10, 30, 100)},
+    "tiny-today-emb10": dict(preset="tiny", model={}, train=dict(lr=3e-3, **ADAMW, **COSINE, embed_x=10)),
+    "dense-muon-wsd40-emb10": dict(preset="tiny-dense", model={}, train={**MUON, **WSD, "decay_frac": 0.4,
+                                                                         "embed_x": 10}),
     # MoE against dense: our dense preset with the default recipe
     "dense-muon-wsd40": dict(preset="tiny-dense", model={}, train={**MUON, **WSD, "decay_frac": 0.4}),
 }
@@ -232,6 +237,8 @@ def recipe_config(name: str, lr_mult: float, steps: int, vocab: int):
     r = RECIPES[name]
     train = {**r["train"]}
     train["lr"] = train["lr"] * lr_mult
+    if "embed_x" in train:  # the embedding's rate as a multiple of lr
+        train["embed_lr"] = train["lr"] * train.pop("embed_x")
     if "muon_lr" in train:
         train["muon_lr"] = train["muon_lr"] * lr_mult
     cfg = TrainConfig(steps=steps, warm_up=min(BASE["warm_up"], max(steps // 10, 1)),

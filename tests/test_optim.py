@@ -273,6 +273,42 @@ def test_set_lr_runs_muon_groups_at_muon_lr():
     assert opt.parts[2].param_groups[0]["lr"] == pytest.approx(0.04)
 
 
+@pytest.mark.parametrize("optimizer", ["muon", "adamw"])
+def test_embed_lr_steps_the_embedding_alone_without_decay(optimizer):
+    """--embed_lr: the embedding moves as a plain AdamW at that (scheduled) rate without weight decay would move
+    it, while the head keeps --lr with decay; both checked against separate torch.optim.AdamW references."""
+    model = build(seed=3)
+    cfg = muon_cfg(optimizer=optimizer, lr=2e-3, embed_lr=0.05, warm_up=4, steps=10, lr_schedule="cosine")
+    opt = build_optimizer(model, cfg, torch.device("cpu"))
+    embed = model.embed.weight.detach().clone().requires_grad_()
+    head = model.head.weight.detach().clone().requires_grad_()
+    ref_embed = torch.optim.AdamW([embed], lr=1.0, betas=(cfg.beta1, cfg.beta2), eps=1e-8, weight_decay=0.0)
+    ref_head = torch.optim.AdamW([head], lr=1.0, betas=(cfg.beta1, cfg.beta2), eps=1e-8, weight_decay=0.1)
+    x = torch.randint(0, VOCAB, (2, 16))
+    for step in (1, 2, 3):
+        base = set_lr(opt, step, cfg)
+        model(x, x).backward()
+        embed.grad, head.grad = model.embed.weight.grad.clone(), model.head.weight.grad.clone()
+        ref_embed.param_groups[0]["lr"] = base * cfg.embed_lr / cfg.lr
+        ref_head.param_groups[0]["lr"] = base
+        opt.step()
+        opt.zero_grad()
+        ref_embed.step()
+        ref_head.step()
+    torch.testing.assert_close(model.embed.weight, embed, rtol=0, atol=1e-7)
+    torch.testing.assert_close(model.head.weight, head, rtol=0, atol=1e-7)
+    assert (model.embed.weight - build(seed=3).embed.weight).abs().max() > 0.01   # it did move at ~0.05 * 3/4
+
+
+def test_embed_lr_leaves_a_tied_embedding_with_the_head():
+    model = build(tie_embeddings=True)
+    for optimizer in ("muon", "adamw"):
+        plain = build_optimizer(model, muon_cfg(optimizer=optimizer, embed_lr=0.0), torch.device("cpu"))
+        with_rate = build_optimizer(model, muon_cfg(optimizer=optimizer, embed_lr=0.05), torch.device("cpu"))
+        shape = [(len(g["params"]), g["weight_decay"], g["lr_scale"]) for g in plain.param_groups]
+        assert [(len(g["params"]), g["weight_decay"], g["lr_scale"]) for g in with_rate.param_groups] == shape
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Recipe options in ModelArgs
 
