@@ -36,7 +36,8 @@ import torch
 import torch.nn.functional as F
 
 from config import UserError
-from train import count_batches_in_examples, load_stage_tokenizer, reference_model, run_stage, token_logps
+from train import (ShuffledItems, count_batches_in_examples, load_stage_tokenizer, reference_model, run_stage,
+                   token_logps)
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
 
@@ -276,40 +277,18 @@ def reference_logps(model: torch.nn.Module, pairs: Sequence[Pair], pad_id: int, 
 # The DPO stage
 
 
-class PairSource:
-    """Micro-batches of --batch_size pairs: a seeded order per epoch, rank-strided; the precomputed reference
-    log-probabilities ride along when there are some."""
+class PairSource(ShuffledItems):
+    """Micro-batches of --batch_size pairs in ShuffledItems' order; the precomputed reference log-probabilities
+    ride along when there are some."""
 
     def __init__(self, pairs: Sequence[Pair], batch_size: int, pad_id: int, seed: int, rank: int = 0,
                  world_size: int = 1, ref: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
-        self.pairs, self.batch_size, self.pad_id, self.seed = list(pairs), batch_size, pad_id, seed
-        self.rank, self.world_size, self.ref = rank, world_size, ref
-        self.epoch, self.position = 0, 0
-        self.order = self._order(0)
-
-    def _order(self, epoch: int) -> list[int]:
-        order = list(range(len(self.pairs)))
-        random.Random(self.seed + epoch).shuffle(order)
-        return order
+        super().__init__(len(pairs), batch_size, seed, rank, world_size)
+        self.pairs, self.pad_id, self.ref = list(pairs), pad_id, ref
 
     def next_batch(self) -> dict[str, Any]:
-        picked = []
-        while len(picked) < self.batch_size:
-            index = self.position * self.world_size + self.rank
-            if index >= len(self.order):
-                self.epoch, self.position = self.epoch + 1, 0
-                self.order = self._order(self.epoch)
-                continue
-            picked.append(self.order[index])
-            self.position += 1
+        picked = self.next_indices()
         return make_batch([self.pairs[i] for i in picked], self.pad_id, self.ref, picked)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "position": self.position}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
-        self.order = self._order(self.epoch)
 
 
 def make_batch(pairs: Sequence[Pair], pad_id: int, ref: tuple[torch.Tensor, torch.Tensor] | None,

@@ -26,6 +26,7 @@ from typing import Sequence
 import torch
 
 from config import UserError
+from train import ShuffledItems
 
 TEST_SIZE = 500
 TASK_NAMES = ("add2", "add3", "reverse")
@@ -154,39 +155,17 @@ def accuracy(model: torch.nn.Module, tok, items: Sequence[Problem], max_new_toke
 # Supervised fine-tuning on a task's format (python tasks.py ...)
 
 
-class ProblemSource:
-    """Micro-batches of --batch_size training problems: a seeded order per epoch, rank-strided."""
+class ProblemSource(ShuffledItems):
+    """Micro-batches of --batch_size training problems in ShuffledItems' order."""
 
     def __init__(self, tok, items: Sequence[Problem], batch_size: int, seed: int, rank: int = 0,
                  world_size: int = 1) -> None:
-        self.tok, self.items, self.batch_size, self.seed = tok, list(items), batch_size, seed
-        self.rank, self.world_size = rank, world_size
-        self.epoch, self.position = 0, 0
-        self.order = self._order(0)
-
-    def _order(self, epoch: int) -> list[int]:
-        order = list(range(len(self.items)))
-        random.Random(self.seed + epoch).shuffle(order)
-        return order
+        super().__init__(len(items), batch_size, seed, rank, world_size)
+        self.tok, self.items = tok, list(items)
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        picked = []
-        while len(picked) < self.batch_size:
-            index = self.position * self.world_size + self.rank
-            if index >= len(self.order):
-                self.epoch, self.position = self.epoch + 1, 0
-                self.order = self._order(self.epoch)
-                continue
-            picked.append(self.items[self.order[index]])
-            self.position += 1
+        picked = [self.items[i] for i in self.next_indices()]
         return supervised_batch(self.tok, [(p.prompt, p.answer) for p in picked])
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
-        self.order = self._order(self.epoch)
 
 
 def held_out_accuracy(run, items: Sequence[Problem], max_new_tokens: int = 8) -> dict[str, float]:

@@ -324,6 +324,41 @@ class BatchSource(Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
+class ShuffledItems:
+    """The order in which a stage reads a list of n examples: --batch_size indices at a time, a new seeded order
+    every epoch (random.Random(seed + epoch)), rank r of w taking every w-th index from r. The position is the
+    state, so a resume continues exactly. Stages subclass it and turn the indices into a batch."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1) -> None:
+        self.n, self.batch_size, self.seed, self.rank, self.world_size = n, batch_size, seed, rank, world_size
+        self.epoch, self.position = 0, 0
+        self.order = self._order(0)
+
+    def _order(self, epoch: int) -> list[int]:
+        order = list(range(self.n))
+        random.Random(self.seed + epoch).shuffle(order)
+        return order
+
+    def next_indices(self) -> list[int]:
+        picked = []
+        while len(picked) < self.batch_size:
+            index = self.position * self.world_size + self.rank
+            if index >= len(self.order):
+                self.epoch, self.position = self.epoch + 1, 0
+                self.order = self._order(self.epoch)
+                continue
+            picked.append(self.order[index])
+            self.position += 1
+        return picked
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self.order = self._order(self.epoch)
+
+
 class Task(Protocol):
     """What differs between training stages. loss() returns the loss to minimise and named scalar metrics (both
     averaged over micro-steps and ranks in the log); evaluate() returns named figures for the log (or {})."""
