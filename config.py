@@ -283,8 +283,8 @@ class TrainConfig(TokenizerOptions):
     optimizer: str = opt("muon", "adamw: AdamW everywhere; muon: Muon for the hidden weight matrices (attention, "
                                   "feed-forward, routed experts) and AdamW (--lr) for the embedding, head, norms "
                                   "and router", choices=("adamw", "muon"))
-    embed_lr: float = opt(0.0, "peak AdamW rate of the token embedding, without weight decay (0: --lr, with "
-                               "decay; an embedding tied to the head always follows --lr)", ge=0)
+    embed_lr: float = opt(0.01, "peak AdamW rate of the token embedding, without weight decay (0: --lr, with "
+                                "decay; an embedding tied to the head always follows --lr)", ge=0)
     muon_lr: float = opt(0.02, "peak Muon learning rate (with --muon_lr_rule original it transfers across widths)",
                          gt=0)
     muon_lr_rule: str = opt("original", "per-matrix Muon rate: original = muon_lr * sqrt(max(1, out/in)) "
@@ -335,6 +335,8 @@ class SFTConfig(TrainConfig):
     """Options of sft.py: train.py's options (the same loop) plus where the conversations come from and how
     they are cut into rows; the defaults differ where fine-tuning differs from pretraining."""
 
+    embed_lr: float = opt(0.0, "peak AdamW rate of the token embedding (0: --lr, with decay, as every other "
+                               "AdamW matrix when fine-tuning)", ge=0)
     init_from: str = opt("checkpoints", "the pretrained model: a checkpoint folder or a HF DeepseekV3 model folder")
     save_file_name: str = opt("sft_checkpoints", "checkpoint folder (training resumes from its latest checkpoint)")
     dataset_path_huggingface: str = opt("builtin", "conversations: a HF hub dataset id, a local .jsonl/.parquet "
@@ -361,6 +363,8 @@ class SFTConfig(TrainConfig):
 class TaskSFTConfig(TrainConfig):
     """Options of tasks.py (supervised fine-tuning on a built-in task's format before rl.py)."""
 
+    embed_lr: float = opt(0.0, "peak AdamW rate of the token embedding (0: --lr, with decay, as every other "
+                               "AdamW matrix when fine-tuning)", ge=0)
     task: str = opt("add2", "built-in task: its training problems with their answers", choices=("add2", "add3",
                                                                                               "reverse"))
     eval_problems: int = opt(500, "held-out problems per evaluation (greedy exact match)", ge=1)
@@ -379,6 +383,8 @@ class TaskSFTConfig(TrainConfig):
 class DPOConfig(TrainConfig):
     """Options of dpo.py (preference tuning; the training options are train.py's)."""
 
+    embed_lr: float = opt(0.0, "peak AdamW rate of the token embedding (0: --lr, with decay, as every other "
+                               "AdamW matrix when fine-tuning)", ge=0)
     dataset_path_huggingface: str = opt("builtin", "preference pairs: a HF hub dataset id, a local .jsonl/.parquet "
                                                    "file or folder, or 'builtin' (pairs from the built-in addition "
                                                    "task)")
@@ -406,6 +412,8 @@ class DPOConfig(TrainConfig):
 class GRPOConfig(TrainConfig):
     """Options of rl.py (GRPO with verifiable rewards; the training options are train.py's)."""
 
+    embed_lr: float = opt(0.0, "peak AdamW rate of the token embedding (0: --lr, with decay, as every other "
+                               "AdamW matrix when fine-tuning)", ge=0)
     task: str = opt("add2", "built-in task used with --dataset_path_huggingface builtin: its training problems "
                             "are the prompts and its held-out test set is the evaluation",
                     choices=("add2", "add3", "reverse"))

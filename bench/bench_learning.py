@@ -237,8 +237,8 @@ def recipe_config(name: str, lr_mult: float, steps: int, vocab: int):
     r = RECIPES[name]
     train = {**r["train"]}
     train["lr"] = train["lr"] * lr_mult
-    if "embed_x" in train:  # the embedding's rate as a multiple of lr
-        train["embed_lr"] = train["lr"] * train.pop("embed_x")
+    # the embedding's rate as a multiple of lr; 0 (it follows lr) unless the recipe names one
+    train["embed_lr"] = train["lr"] * train.pop("embed_x", 0)
     if "muon_lr" in train:
         train["muon_lr"] = train["muon_lr"] * lr_mult
     cfg = TrainConfig(steps=steps, warm_up=min(BASE["warm_up"], max(steps // 10, 1)),

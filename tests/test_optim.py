@@ -47,7 +47,7 @@ def build(seed: int = 0, **kw) -> Transformer:
 
 def muon_cfg(**kw) -> TrainConfig:
     base = dict(optimizer="muon", lr=3e-3, muon_lr=0.02, min_lr=3e-4, warm_up=2, steps=10, weight_decay=0.1,
-                muon_weight_decay=0.05)
+                muon_weight_decay=0.05, embed_lr=0)
     base.update(kw)
     return TrainConfig(**base)
 
@@ -84,7 +84,7 @@ def test_split_sends_hidden_matrices_to_muon_and_the_rest_to_adamw(tied):
 
 def test_adamw_option_is_plain_adamw():
     model = build()
-    opt = build_optimizer(model, TrainConfig(lr=1e-3, weight_decay=0.1, optimizer="adamw"), torch.device("cpu"))
+    opt = build_optimizer(model, TrainConfig(lr=1e-3, weight_decay=0.1, optimizer="adamw", embed_lr=0), torch.device("cpu"))
     assert type(opt) is torch.optim.AdamW
     decay = {id(p) for p in opt.param_groups[0]["params"]}
     assert decay == {id(p) for p in model.parameters() if p.dim() >= 2}

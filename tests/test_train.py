@@ -194,7 +194,7 @@ def test_init_from_checkpoint_starts_from_its_weights(corpus, uninterrupted: Pat
     # moves by its own fixed step, bias_update_speed, whatever the learning rate)
     one_step = [*SMALL, "--steps", "1", "--batch_size", "4", "--total_batch_size", "128", "--eval_rate", "0",
                 "--quiet", "--lr", "1e-12", "--min_lr", "0", "--warm_up", "0", "--weight_decay", "0",
-                "--optimizer", "adamw"]
+                "--optimizer", "adamw", "--embed_lr", "0"]
     init = run_ok(*train_args(corpus, tmp_path / "init", *one_step, "--init_from", str(uninterrupted)))
     assert "initialised from" in init.stdout
     got, want = final_weights(tmp_path / "init"), final_weights(uninterrupted)
@@ -339,7 +339,7 @@ def test_weight_decay_only_on_matrices() -> None:
     from model import Transformer
 
     model = Transformer(model_args_from_preset("tiny", vocab_size=256))
-    opt = train.build_optimizer(model, TrainConfig(weight_decay=0.1, optimizer="adamw"), torch.device("cpu"))
+    opt = train.build_optimizer(model, TrainConfig(weight_decay=0.1, optimizer="adamw", embed_lr=0), torch.device("cpu"))
     decay, no_decay = opt.param_groups
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in no_decay["params"])
@@ -374,7 +374,8 @@ def test_train_step_is_accumulated_clipped_adamw(corpus, tmp_path: Path) -> None
                                                           "--total_batch_size", "192", "--grad_clip", "0.05",
                                                           "--lr", "1e-2", "--warm_up", "0", "--steps", "3",
                                                           "--weight_decay", "0.1", "--eval_rate", "0",
-                                                          "--optimizer", "adamw", "--lr_schedule", "cosine"),
+                                                          "--optimizer", "adamw", "--lr_schedule", "cosine",
+                                                          "--embed_lr", "0"),
                                   with_model_args=True)
     d = train.setup_distributed("cpu")
     run = train.prepare(cfg, overrides, d, train.load_pretrain_tokenizer(cfg))
