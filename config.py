@@ -331,12 +331,18 @@ class TrainConfig(TokenizerOptions):
 
 
 @dataclass
-class SFTConfig(TrainConfig):
-    """Options of sft.py: train.py's options (the same loop) plus where the conversations come from and how
-    they are cut into rows; the defaults differ where fine-tuning differs from pretraining."""
+class FineTuneConfig(TrainConfig):
+    """What every stage that starts from a trained model changes in TrainConfig's defaults."""
 
     embed_lr: float = opt(0.0, "peak AdamW rate of the token embedding (0: --lr, with decay, as every other "
                                "AdamW matrix when fine-tuning)", ge=0)
+
+
+@dataclass
+class SFTConfig(FineTuneConfig):
+    """Options of sft.py: train.py's options (the same loop) plus where the conversations come from and how
+    they are cut into rows; the defaults differ where fine-tuning differs from pretraining."""
+
     init_from: str = opt("checkpoints", "the pretrained model: a checkpoint folder or a HF DeepseekV3 model folder")
     save_file_name: str = opt("sft_checkpoints", "checkpoint folder (training resumes from its latest checkpoint)")
     dataset_path_huggingface: str = opt("builtin", "conversations: a HF hub dataset id, a local .jsonl/.parquet "
@@ -360,11 +366,9 @@ class SFTConfig(TrainConfig):
 
 
 @dataclass
-class TaskSFTConfig(TrainConfig):
+class TaskSFTConfig(FineTuneConfig):
     """Options of tasks.py (supervised fine-tuning on a built-in task's format before rl.py)."""
 
-    embed_lr: float = opt(0.0, "peak AdamW rate of the token embedding (0: --lr, with decay, as every other "
-                               "AdamW matrix when fine-tuning)", ge=0)
     task: str = opt("add2", "built-in task: its training problems with their answers", choices=("add2", "add3",
                                                                                               "reverse"))
     eval_problems: int = opt(500, "held-out problems per evaluation (greedy exact match)", ge=1)
@@ -380,11 +384,9 @@ class TaskSFTConfig(TrainConfig):
 
 
 @dataclass
-class DPOConfig(TrainConfig):
+class DPOConfig(FineTuneConfig):
     """Options of dpo.py (preference tuning; the training options are train.py's)."""
 
-    embed_lr: float = opt(0.0, "peak AdamW rate of the token embedding (0: --lr, with decay, as every other "
-                               "AdamW matrix when fine-tuning)", ge=0)
     dataset_path_huggingface: str = opt("builtin", "preference pairs: a HF hub dataset id, a local .jsonl/.parquet "
                                                    "file or folder, or 'builtin' (pairs from the built-in addition "
                                                    "task)")
@@ -409,11 +411,9 @@ class DPOConfig(TrainConfig):
 
 
 @dataclass
-class GRPOConfig(TrainConfig):
+class GRPOConfig(FineTuneConfig):
     """Options of rl.py (GRPO with verifiable rewards; the training options are train.py's)."""
 
-    embed_lr: float = opt(0.0, "peak AdamW rate of the token embedding (0: --lr, with decay, as every other "
-                               "AdamW matrix when fine-tuning)", ge=0)
     task: str = opt("add2", "built-in task used with --dataset_path_huggingface builtin: its training problems "
                             "are the prompts and its held-out test set is the evaluation",
                     choices=("add2", "add3", "reverse"))
