@@ -2,7 +2,7 @@
 baseline, today's `tiny` recipe, the default recipe and ablations, each trained with train.py's step.
 
     python bench/bench_learning.py                                  # epochs regime, 180 CPU-s, a/b/c, 1 seed
-    python bench/bench_learning.py --regime single --budget 600 --recipes gpt2,tiny-today,tiny-muon-wsd40 --seeds 1,2
+    python bench/bench_learning.py --regime single --budget 600 --seeds 1,2 --jobs 2 # 10 minutes of one core each
     python bench/bench_learning.py --calibrate_only --step_costs costs.json      # measure the step costs here
     python bench/bench_learning.py --step_costs costs.json --device cuda --jobs 8 # run those budgets on a GPU
     python bench/bench_learning.py --report results.jsonl                           # the table of a results file
@@ -82,9 +82,10 @@ RECIPES: dict[str, dict] = {
     "tiny-muon-wsd-e16": dict(preset="tiny", model=dict(n_routed_experts=16, moe_inter_dim=64),
                               train={**MUON, **WSD}),
     "tiny-muon-wsd-bias001": dict(preset="tiny", model=dict(bias_update_speed=0.001), train={**MUON, **WSD}),
-    # (c) the default recipe (TrainConfig's defaults, quickstart.sh's rates): Muon + WSD with a 40% decay
+    # c without the embedding's own rate: Muon + WSD with a 40% decay
     "tiny-muon-wsd40": dict(preset="tiny", model={}, train={**MUON, **WSD, "decay_frac": 0.4}),
     "tiny-muon-wsd40-drop": dict(preset="tiny", model=dict(dropout=0.1), train={**MUON, **WSD, "decay_frac": 0.4}),
+    # (c) the default recipe (TrainConfig's defaults): Muon + WSD 40% + the embedding at 10x lr (emb10)
     **{f"tiny-muon-wsd40-emb{k}": dict(preset="tiny", model={}, train={**MUON, **WSD, "decay_frac": 0.4,
                                                                          "embed_x": k}) for k in (3, 10, 30, 100)},
     "tiny-today-emb10": dict(preset="tiny", model={}, train=dict(lr=3e-3, **ADAMW, **COSINE, embed_x=10)),
@@ -432,7 +433,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--regime", default="epochs", choices=("epochs", "single"))
     parser.add_argument("--budget", type=float, nargs="+", default=[180.0], help="CPU seconds per run (one thread)")
-    parser.add_argument("--recipes", default="gpt2,tiny-today,tiny-muon-wsd40")
+    parser.add_argument("--recipes", default="gpt2,tiny-today,tiny-muon-wsd40-emb10")
     parser.add_argument("--lr_mults", default="1", help="LR search: multipliers of each recipe's rates")
     parser.add_argument("--seeds", default="1")
     parser.add_argument("--device", default="cpu")
@@ -445,7 +446,7 @@ def main() -> None:
     parser.add_argument("--calibrate_only", action="store_true")
     parser.add_argument("--then_budget", type=float, default=0, help="after the runs: run --then_recipes at this "
                         "budget with each one's best LR multiplier of the first runs (and half of it), --then_seeds")
-    parser.add_argument("--then_recipes", default="gpt2,tiny-today,tiny-muon-wsd40")
+    parser.add_argument("--then_recipes", default="gpt2,tiny-today,tiny-muon-wsd40-emb10")
     parser.add_argument("--then_seeds", default="1,2")
     parser.add_argument("--report", default="", help="print the table of this results file and exit")
     parser.add_argument("--jobs_file", default="", help="JSON list of [regime, budget, recipe, lr_mult, seed] "
