@@ -313,7 +313,7 @@ def common_args(corpus: Path, save: Path, *extra: str) -> list[str]:
     return ["--tokenizer_path", str(corpus / "tokenizer"), "--data_file_name", str(corpus / "data"),
             "--save_file_name", str(save), "--seq_len", "32", "--dtype", "fp32", "--device", "cpu",
             "--total_batch_size", "256", "--warm_up", "5", "--lr", "3e-3", "--eval_rate", "10", "--eval_steps", "2",
-            "--seed", "7", "--quiet", "--optimizer", "adamw", "--lr_schedule", "cosine", *extra]
+            "--seed", "7", "--quiet", "--optimizer", "adamw", "--lr_schedule", "cosine", "--embed_lr", "0", *extra]
 
 
 # 2 ranks x 2 sequences x 2 micro-steps (gradient sync on the second only) against 1 process x 4 sequences x 2
