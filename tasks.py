@@ -26,7 +26,7 @@ from typing import Sequence
 import torch
 
 from config import UserError
-from train import ShuffledItems
+from train import ShuffledItems, count_batches_in_examples, load_stage_tokenizer, mean_over_ranks, run_stage
 
 TEST_SIZE = 500
 TASK_NAMES = ("add2", "add3", "reverse")
@@ -170,8 +170,6 @@ class ProblemSource(ShuffledItems):
 
 def held_out_accuracy(run, items: Sequence[Problem], max_new_tokens: int = 8) -> dict[str, float]:
     """Greedy exact-match accuracy on the held-out problems, each rank a slice, averaged over every problem."""
-    from train import mean_over_ranks
-
     d = run.dist
     mine = list(items)[d.rank::d.world_size]
     acc, _ = accuracy(run.raw, run.tokenizer, mine, max_new_tokens) if mine else (0.0, [])
@@ -199,8 +197,6 @@ class TaskSFT:
 
 def main(argv=None) -> None:
     from config import TaskSFTConfig, parse_config
-    from train import count_batches_in_examples, load_stage_tokenizer
-    from train import run_stage
 
     cfg, overrides = parse_config(TaskSFTConfig, argv, description=__doc__.split("\n\n")[0],
                                   with_model_args=True)
