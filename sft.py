@@ -17,7 +17,6 @@ loop (resume, DDP, autocast, logging, checkpoints); the checkpoints also record 
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from pathlib import Path
 from typing import Any, Sequence
@@ -263,31 +262,11 @@ class SFTTask:
         return {"val_answer_loss": results["loss"]}
 
 
-def load_sft_tokenizer(cfg: SFTConfig):
-    """The tokenizer the --init_from model records (a tokenizer flag may name it; the fingerprint must agree)."""
-    import checkpoint
-    import hf_interop
-    import tokenizer as tokenizer_lib
-
-    source = Path(cfg.init_from)
-    if not cfg.init_from or not source.exists():
-        raise UserError(f"--init_from '{cfg.init_from}' does not exist; pass the pretrained model (a checkpoint "
-                        f"folder written by train.py, or a HF model folder)")
-    if hf_interop.is_hf_model_folder(source):
-        recorded = dict(hf_interop.folder_tokenizer_meta(source) or {})
-        recorded.setdefault("path", str((source / "tokenizer.json").resolve()))
-        if not cfg.load_mistral_tokenizer and not Path(cfg.tokenizer_path).exists():
-            cfg = dataclasses.replace(cfg, tokenizer_path=str(source))
-    else:
-        recorded = checkpoint.read_meta(checkpoint.resolve_checkpoint(source)).get("tokenizer")
-    return tokenizer_lib.load_recorded_tokenizer(cfg, recorded, f"the model '{cfg.init_from}'")
-
-
 def main(argv: list[str] | None = None) -> None:
     import train
 
     cfg, overrides = parse_config(SFTConfig, argv, description=__doc__.split("\n\n")[0], with_model_args=True)
-    train.run_stage(cfg, overrides, SFTTask, load_sft_tokenizer)
+    train.run_stage(cfg, overrides, SFTTask, train.load_stage_tokenizer)
 
 
 if __name__ == "__main__":

@@ -1001,12 +1001,19 @@ def stored_meta(cfg) -> dict[str, Any] | None:
 
 
 def load_stage_tokenizer(cfg):
-    """The tokenizer of the starting model (the one it records, checked by fingerprint), or the options' one."""
+    """The tokenizer of the starting model (the one it records, checked by fingerprint; a HF folder's
+    tokenizer.json), or the options' one."""
     import tokenizer as tokenizer_lib
 
+    if cfg.init_from and not Path(cfg.init_from).exists():
+        raise UserError(f"--init_from '{cfg.init_from}' does not exist; pass the pretrained model (a checkpoint "
+                        f"folder written by train.py, or a HF model folder)")
     meta = stored_meta(cfg)
     if meta is None:
         return tokenizer_lib.load_tokenizer(cfg)
+    hf_folder = meta.get("hf_folder")
+    if hf_folder and not cfg.load_mistral_tokenizer and not Path(cfg.tokenizer_path).exists():
+        cfg = dataclasses.replace(cfg, tokenizer_path=hf_folder)  # not a project tokenizer/ of the same name
     return tokenizer_lib.load_recorded_tokenizer(cfg, meta.get("tokenizer"), cfg.init_from or cfg.save_file_name)
 
 

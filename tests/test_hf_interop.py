@@ -408,7 +408,7 @@ def test_incomplete_hf_folder_raises_user_error(tmp_path):
 
 
 @pytest.mark.slow
-def test_trained_model_exports_and_transformers_generates_from_it(tmp_path, capsys):
+def test_trained_model_exports_and_transformers_generates_from_it(tmp_path, capsys, monkeypatch):
     """The quickstart's pipeline in miniature (tokenizer -> shards -> train.py, tiny preset with DeepSeek-V3's
     sigmoid router), then the export CLI: transformers loads the folder and its tokenizer and generates the same
     greedy tokens as our model; generate.py and train.py --init_from take the folder as is."""
@@ -460,6 +460,14 @@ def test_trained_model_exports_and_transformers_generates_from_it(tmp_path, caps
     assert ModelArgs.from_dict(checkpoint.read_meta(checkpoint.resolve_checkpoint(tmp_path / "ckpt2"))
                                ["model_args"]) == ModelArgs.from_dict(checkpoint.read_meta(
                                    checkpoint.resolve_checkpoint(tmp_path / "ckpt"))["model_args"])
+    # so do the fine-tuning stages: the folder's tokenizer.json, without a tokenizer flag
+    from config import SFTConfig
+
+    monkeypatch.chdir(tmp_path)  # no tokenizer/ here that the default --tokenizer_path would find first
+    sft_cfg = SFTConfig(init_from=str(out), save_file_name=str(tmp_path / "sft"))
+    assert train.load_stage_tokenizer(sft_cfg).describe() == tok.describe()
+    with pytest.raises(UserError, match="--init_from .* does not exist"):
+        train.load_stage_tokenizer(SFTConfig(init_from=str(tmp_path / "nowhere")))
 
     # exporting into an existing folder, or a model HF cannot express, is a one-line error
     with pytest.raises(UserError, match="already exists"):
