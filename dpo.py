@@ -36,8 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from config import UserError
-from train import (ShuffledItems, count_batches_in_examples, load_stage_tokenizer, reference_model, run_stage,
-                   token_logps)
+from train import ShuffledItems, reference_model, run_example_stage, token_logps
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
 
@@ -363,10 +362,9 @@ class DPOTask:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from config import DPOConfig, parse_config
-    cfg, overrides = parse_config(DPOConfig, argv, description=__doc__.split("\n\n")[0], with_model_args=True)
-    count_batches_in_examples(cfg, overrides)
-    run_stage(cfg, overrides, DPOTask, load_stage_tokenizer)
+    from config import DPOConfig
+
+    run_example_stage(DPOConfig, DPOTask, argv, __doc__)
 
 
 if __name__ == "__main__":

@@ -30,8 +30,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from config import UserError
-from train import (count_batches_in_examples, load_stage_tokenizer, mean_over_ranks, reference_model, run_stage,
-                   token_logps)
+from train import mean_over_ranks, reference_model, run_example_stage, token_logps
 
 RewardFn = Callable[[str, str, "str | None"], float]
 
@@ -410,10 +409,9 @@ def evaluate_prompts(run, items: Sequence[tuple[str, str | None]], reward_fn: Re
 
 
 def main(argv: list[str] | None = None) -> None:
-    from config import GRPOConfig, parse_config
-    cfg, overrides = parse_config(GRPOConfig, argv, description=__doc__.split("\n\n")[0], with_model_args=True)
-    count_batches_in_examples(cfg, overrides)
-    run_stage(cfg, overrides, GRPOTask, load_stage_tokenizer)
+    from config import GRPOConfig
+
+    run_example_stage(GRPOConfig, GRPOTask, argv, __doc__)
 
 
 if __name__ == "__main__":

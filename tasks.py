@@ -26,7 +26,7 @@ from typing import Sequence
 import torch
 
 from config import UserError
-from train import ShuffledItems, count_batches_in_examples, load_stage_tokenizer, mean_over_ranks, run_stage
+from train import ShuffledItems, mean_over_ranks, run_example_stage
 
 TEST_SIZE = 500
 TASK_NAMES = ("add2", "add3", "reverse")
@@ -196,12 +196,9 @@ class TaskSFT:
 
 
 def main(argv=None) -> None:
-    from config import TaskSFTConfig, parse_config
+    from config import TaskSFTConfig
 
-    cfg, overrides = parse_config(TaskSFTConfig, argv, description=__doc__.split("\n\n")[0],
-                                  with_model_args=True)
-    count_batches_in_examples(cfg, overrides)
-    run_stage(cfg, overrides, TaskSFT, load_stage_tokenizer)
+    run_example_stage(TaskSFTConfig, TaskSFT, argv, __doc__)
 
 
 if __name__ == "__main__":

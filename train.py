@@ -1042,6 +1042,14 @@ def count_batches_in_examples(cfg, overrides: dict[str, Any]) -> None:
     cfg.total_batch_size = per_step * cfg.seq_len
 
 
+def run_example_stage(config_cls: type, make_task: Any, argv: list[str] | None, doc: str) -> None:
+    """main() of a stage whose batches are counted in examples (DPO, GRPO, task SFT): parse its options, plan
+    its batches in examples, and run it on the core from the starting model's tokenizer."""
+    cfg, overrides = parse_config(config_cls, argv, description=doc.split("\n\n")[0], with_model_args=True)
+    count_batches_in_examples(cfg, overrides)
+    run_stage(cfg, overrides, make_task, load_stage_tokenizer)
+
+
 def reference_model(run) -> torch.nn.Module:
     """A frozen copy of the --init_from weights (also when resuming: the reference never moves)."""
     from hf_interop import load_any_model
