@@ -37,8 +37,9 @@ def tiny_args(vocab_size: int, **overrides) -> ModelArgs:
 
 
 @torch.no_grad()
-def random_model(args: ModelArgs, seed: int = 0) -> Transformer:
-    """Random weights with spread-out logits (no near-ties for greedy decoding)."""
+def random_model(args: ModelArgs, seed: int = 0, router_bias: float = 0.0) -> Transformer:
+    """Random weights with spread-out logits (no near-ties for greedy decoding), non-trivial norm weights and,
+    with router_bias, a random non-zero router bias of that scale."""
     torch.manual_seed(seed)
     model = Transformer(args)
     model.init_weights()
@@ -49,6 +50,8 @@ def random_model(args: ModelArgs, seed: int = 0) -> Transformer:
             p.normal_(0, 1.0)
         elif not name.endswith("gate.bias"):
             p.normal_(0, 1.5 / math.sqrt(p.shape[-1]))
+    for moe in model.moe_layers():
+        moe.gate.bias.copy_(router_bias * torch.randn_like(moe.gate.bias))
     return model.eval()
 
 

@@ -19,7 +19,7 @@ import torch
 
 import dpo
 import hf_interop as hfi
-import tokenizer as tk
+from tests.stage_fixtures import make_tokenizer, tiny_checkpoint
 from config import ModelArgs, UserError
 
 ROWS = [
@@ -28,24 +28,6 @@ ROWS = [
     {"prompt": "Hello world,", "chosen": " hello there!", "rejected": " and more words for merges, and more."},
     {"prompt": "Numbers", "chosen": " 12345 and more", "rejected": " words"},
 ]
-
-
-def make_tokenizer(folder: Path) -> tk.Tokenizer:
-    """A small trained tokenizer (our special tokens first), written like train_tokenizer.py writes it."""
-    from tokenizers import pre_tokenizers
-    from tokenizers.trainers import BpeTrainer
-
-    import train_tokenizer
-
-    backend = train_tokenizer.build_untrained_tokenizer()
-    trainer = BpeTrainer(vocab_size=300, special_tokens=list(tk.TRAINED_SPECIAL_TOKENS),
-                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    texts = ["The function returns the value of the argument.", "Hello world, hello there!",
-             "def f(x):\n    return x * 2\n", "Numbers 12345 and more words for merges."] * 20
-    backend.train_from_iterator(texts, trainer=trainer)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / tk.TOKENIZER_FILE).write_text(backend.to_str())
-    return tk.load_tokenizer(tk.TokenizerOptions(tokenizer_path=str(folder)))
 
 
 def tiny_args(vocab: int) -> ModelArgs:
@@ -294,7 +276,6 @@ def test_holdout_split_is_seeded_and_disjoint():
 # The command line, on the training core
 
 from tests.conftest import run_script  # noqa: E402
-from tests.stage_fixtures import tiny_checkpoint  # noqa: E402
 
 ENV = {"OMP_NUM_THREADS": "1"}
 

@@ -11,13 +11,7 @@ import torch
 from generate import sample_next, top_k_filter, top_p_filter
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one thread is as fast, and never spins against the other tests' processes."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def nucleus_reference(probs: np.ndarray, p: float) -> set[int]:

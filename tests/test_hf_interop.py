@@ -24,8 +24,9 @@ import hf_interop as hfi  # noqa: E402
 import tokenizer as tk  # noqa: E402
 from config import ModelArgs, UserError  # noqa: E402
 from generate import generate  # noqa: E402
-from model import Transformer  # noqa: E402
+from tests.chat_fixtures import random_model  # noqa: E402
 from tests.conftest import run_script  # noqa: E402
+from tests.stage_fixtures import make_tokenizer  # noqa: E402
 
 from transformers import AutoModelForCausalLM, AutoTokenizer, DeepseekV3Config, DeepseekV3ForCausalLM  # noqa: E402
 
@@ -54,25 +55,6 @@ def random_args(seed: int, **features) -> ModelArgs:
     )
     values.update(features)
     return ModelArgs(**values)
-
-
-@torch.no_grad()
-def random_model(args: ModelArgs, seed: int) -> Transformer:
-    """Random weights with spread-out logits (no near-ties for greedy decoding), non-trivial norm weights and a
-    random non-zero router bias."""
-    torch.manual_seed(seed)
-    model = Transformer(args)
-    model.init_weights()
-    for name, p in model.named_parameters():
-        if name.endswith("norm.weight"):
-            p.copy_(1 + 0.3 * torch.randn_like(p))
-        elif name == "embed.weight":
-            p.normal_(0, 1.0)
-        else:
-            p.normal_(0, 1.5 / math.sqrt(p.shape[-1]))
-    for moe in model.moe_layers():
-        moe.gate.bias.copy_(0.2 * torch.randn_like(moe.gate.bias))
-    return model.eval()
 
 
 def load_hf(folder: Path) -> torch.nn.Module:
@@ -134,7 +116,7 @@ CASES = {
 def test_export_matches_transformers_logits_and_greedy_tokens(case, tmp_path):
     seed, features = CASES[case]
     args = random_args(seed, **features)
-    model = random_model(args, seed)
+    model = random_model(args, seed, router_bias=0.2)
     folder = hfi.write_hf_folder(tmp_path / "hf", args, model.state_dict())
     config = json.loads((folder / "config.json").read_text())
     assert config["model_type"] == "deepseek_v3" and config["architectures"] == ["DeepseekV3ForCausalLM"]
@@ -160,7 +142,7 @@ def test_export_matches_transformers_logits_and_greedy_tokens(case, tmp_path):
 def test_routing_really_depends_on_the_router_bias(tmp_path):
     """The bias is exported where transformers uses it: zeroing it on one side changes the model."""
     args = random_args(5, n_expert_groups=2)
-    model = random_model(args, 5)
+    model = random_model(args, 5, router_bias=0.2)
     folder = hfi.write_hf_folder(tmp_path / "hf", args, model.state_dict())
     hf = load_hf(folder)
     tokens = torch.randint(0, args.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
@@ -179,7 +161,7 @@ def test_routing_really_depends_on_the_router_bias(tmp_path):
 def test_state_dict_and_config_mappings_are_exact_inverses(case):
     seed, features = CASES[case]
     args = random_args(seed, **features)
-    model = random_model(args, seed)
+    model = random_model(args, seed, router_bias=0.2)
     sd = model.state_dict()
     hf_sd = hfi.to_hf_state_dict(sd, args)
     back = hfi.from_hf_state_dict(hf_sd, args)
@@ -190,26 +172,8 @@ def test_state_dict_and_config_mappings_are_exact_inverses(case):
     assert hfi.from_hf_config(hfi.to_hf_config(args)) == args
 
 
-def make_tokenizer(folder: Path) -> tk.Tokenizer:
-    """A small trained tokenizer (our special tokens first), written like train_tokenizer.py writes it."""
-    from tokenizers.trainers import BpeTrainer
-    from tokenizers import pre_tokenizers
-
-    import train_tokenizer
-
-    backend = train_tokenizer.build_untrained_tokenizer()
-    trainer = BpeTrainer(vocab_size=300, special_tokens=list(tk.TRAINED_SPECIAL_TOKENS),
-                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    texts = ["The function returns the value of the argument.", "Hello world, hello there!",
-             "def f(x):\n    return x * 2\n", "Numbers 12345 and more words for merges."] * 20
-    backend.train_from_iterator(texts, trainer=trainer)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / tk.TOKENIZER_FILE).write_text(backend.to_str())
-    return tk.load_tokenizer(tk.TokenizerOptions(tokenizer_path=str(folder)))
-
-
 def save_tiny_checkpoint(root: Path, args: ModelArgs, tok: tk.Tokenizer | None, seed: int = 0) -> Path:
-    model = random_model(args, seed)
+    model = random_model(args, seed, router_bias=0.2)
     meta = {"model_args": args.to_dict(), "tokenizer": tok.describe() if tok else None, "train_config": {}}
     return checkpoint.save_checkpoint(root, 7, model, None, meta, {}, keep=1)
 
@@ -242,7 +206,7 @@ def test_export_import_round_trip_is_bit_identical_and_sharded(tmp_path):
 
 def test_bf16_export_keeps_the_router_in_fp32_like_transformers(tmp_path):
     args = random_args(12, n_expert_groups=2)
-    model = random_model(args, 12)
+    model = random_model(args, 12, router_bias=0.2)
     folder = hfi.write_hf_folder(tmp_path / "hf", args, model.state_dict(), dtype=torch.bfloat16)
     from safetensors import safe_open
 
@@ -270,7 +234,7 @@ def test_bf16_folder_with_fp32_router_loads_the_router_unrounded(tmp_path):
     model keeps it so: upcast to fp32 (exact for the bf16 weights) it computes what transformers computes from the
     folder in fp32, to 1e-4 and greedy token for token. A router rounded to bf16 on load is off by ~3e-3."""
     args = random_args(13, n_expert_groups=2)
-    folder = hfi.write_hf_folder(tmp_path / "hf", args, random_model(args, 13).state_dict(), dtype=torch.bfloat16)
+    folder = hfi.write_hf_folder(tmp_path / "hf", args, random_model(args, 13, router_bias=0.2).state_dict(), dtype=torch.bfloat16)
     hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     ours, _ = hfi.load_any_model(folder)
     assert ours.embed.weight.dtype == torch.bfloat16
@@ -291,7 +255,7 @@ def test_bf16_model_routes_like_transformers_router(tmp_path):
     """In a bf16 model with an fp32 router, our Gate scores experts from the bf16 activations in fp32 as
     transformers' DeepseekV3TopkRouter does: the same experts and weights for the same inputs."""
     args = random_args(14, n_expert_groups=2, n_activated_experts=3)
-    folder = hfi.write_hf_folder(tmp_path / "hf", args, random_model(args, 14).state_dict(), dtype=torch.bfloat16)
+    folder = hfi.write_hf_folder(tmp_path / "hf", args, random_model(args, 14, router_bias=0.2).state_dict(), dtype=torch.bfloat16)
     hf = AutoModelForCausalLM.from_pretrained(folder).eval()
     ours, _ = hfi.load_any_model(folder)
     x = torch.randn(64, args.dim, generator=torch.Generator().manual_seed(14)).to(torch.bfloat16)
@@ -393,7 +357,7 @@ def test_hf_configs_we_cannot_reproduce_raise_user_error(override, needle):
 
 def test_incomplete_hf_folder_raises_user_error(tmp_path):
     args = random_args(33)
-    hf_sd = hfi.to_hf_state_dict(random_model(args, 33).state_dict(), args)
+    hf_sd = hfi.to_hf_state_dict(random_model(args, 33, router_bias=0.2).state_dict(), args)
     # a router without correction bias (a model never balanced that way) is the same as a zero bias
     hf_sd.pop("model.layers.1.mlp.gate.e_score_correction_bias")
     sd = hfi.from_hf_state_dict(hf_sd, args)
@@ -772,7 +736,7 @@ def test_export_of_a_damaged_checkpoint(tmp_path, capsys):
     output is left behind."""
     args = random_args(46)
     older = save_tiny_checkpoint(tmp_path / "ckpt", args, None, seed=46)
-    model = random_model(args, 47)
+    model = random_model(args, 47, router_bias=0.2)
     meta = {"model_args": args.to_dict(), "tokenizer": None, "train_config": {}}
     newer = checkpoint.save_checkpoint(tmp_path / "ckpt", 9, model, None, meta, {}, keep=2)
     weights = newer / checkpoint.WEIGHTS_FILE

@@ -15,14 +15,7 @@ from config import ModelArgs
 from model import MoE, Experts, Transformer, linear_cross_entropy
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one thread is as fast, and never spins against the other tests' processes (two OpenMP threads
-    on a busy 2-core machine made each tiny float64 matmul wait for a scheduler slice: ~10 s per decode test)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 VOCAB = 97
 

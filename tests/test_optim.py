@@ -18,12 +18,7 @@ from optim import (NS_COEFFICIENTS, Combined, ExpertMuon, build_optimizer, decay
                    zeropower_via_newtonschulz)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 VOCAB = 97

@@ -10,6 +10,7 @@ import os
 import socket
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -278,20 +279,6 @@ def test_consolidate_refuses_a_plain_folder(tmp_path: Path) -> None:
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    """A 1024-token BPE trained on the built-in corpus and the corpus tokenized into shards."""
-    root = tmp_path_factory.mktemp("fsdp_corpus")
-    tok, data = root / "tokenizer", root / "data"
-    r = run_script("train_tokenizer.py", "--vocab_size", "1024", "--tokenizer_train_shard_size", "300000",
-                   "--output_path", str(tok))
-    assert r.returncode == 0, r.stderr
-    r = run_script("tokenize_data.py", "--tokenizer_path", str(tok), "--data_file_name", str(data),
-                   "--encoded_dataset_shard_size", "200000", "--val_tokens", "30000")
-    assert r.returncode == 0, r.stderr
-    return root
-
-
 def torchrun(nproc: int, *args: str, timeout: float = 600):
     import subprocess
 
@@ -312,8 +299,8 @@ def losses(save: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in records if r["kind"] == "train"}
 
 
-def common_args(corpus: Path, save: Path, *extra: str) -> list[str]:
-    return ["--tokenizer_path", str(corpus / "tokenizer"), "--data_file_name", str(corpus / "data"),
+def common_args(corpus: SimpleNamespace, save: Path, *extra: str) -> list[str]:
+    return ["--tokenizer_path", str(corpus.tokenizer), "--data_file_name", str(corpus.data),
             "--save_file_name", str(save), "--seq_len", "32", "--dtype", "fp32", "--device", "cpu",
             "--total_batch_size", "256", "--warm_up", "5", "--lr", "3e-3", "--eval_rate", "10", "--eval_steps", "2",
             "--seed", "7", "--quiet", "--optimizer", "adamw", "--lr_schedule", "cosine", "--embed_lr", "0", *extra]
@@ -322,7 +309,7 @@ def common_args(corpus: Path, save: Path, *extra: str) -> list[str]:
 # 2 ranks x 2 sequences x 2 micro-steps (gradient sync on the second only) against 1 process x 4 sequences x 2
 @pytest.mark.slow
 @pytest.mark.parametrize("preset", ["tiny-dense", "tiny"])
-def test_fsdp_two_ranks_match_one_process(corpus: Path, tmp_path: Path, preset: str) -> None:
+def test_fsdp_two_ranks_match_one_process(corpus: SimpleNamespace, tmp_path: Path, preset: str) -> None:
     args = ["--model", preset, "--steps", "20", "--save_rate", "100"]
     train_ok(2, *common_args(corpus, tmp_path / "fsdp", *args, "--batch_size", "2", "--parallel", "fsdp"))
     train_ok(0, *common_args(corpus, tmp_path / "one", *args, "--batch_size", "4"))
@@ -352,7 +339,7 @@ PER_RANK_BATCH = {1: "4", 2: "2", 4: "1"}   # 256 tokens per step on any world s
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(corpus: Path, tmp_path_factory) -> dict[str, Path]:
+def uninterrupted(corpus: SimpleNamespace, tmp_path_factory) -> dict[str, Path]:
     """12 steps under 2-rank FSDP and in one process, each saving at step 6."""
     root = tmp_path_factory.mktemp("uninterrupted")
     train_ok(2, *common_args(corpus, root / "fsdp2", *SMALL, "--batch_size", "2", "--parallel", "fsdp"))
@@ -365,7 +352,7 @@ def uninterrupted(corpus: Path, tmp_path_factory) -> dict[str, Path]:
                                                         ("one", 2, "fsdp"), ("fsdp2", 0, "ddp"),
                                                         ("fsdp2", 2, "ddp")],
                          ids=["2->1", "2->4", "1->2", "2->one-process", "2->2-ddp"])
-def test_resume_under_another_world_size_continues_exactly(corpus: Path, uninterrupted, tmp_path: Path, source: str,
+def test_resume_under_another_world_size_continues_exactly(corpus: SimpleNamespace, uninterrupted, tmp_path: Path, source: str,
                                                            ranks: int, parallel_mode: str) -> None:
     import shutil
 
@@ -384,7 +371,7 @@ def test_resume_under_another_world_size_continues_exactly(corpus: Path, uninter
 
 
 @pytest.mark.slow
-def test_tools_read_a_sharded_checkpoint(corpus: Path, uninterrupted, tmp_path: Path) -> None:
+def test_tools_read_a_sharded_checkpoint(corpus: SimpleNamespace, uninterrupted, tmp_path: Path) -> None:
     from checkpoint import load_sharded_weights
     from safetensors.torch import load_file
 
@@ -433,7 +420,7 @@ def launch_ranks(world: int, *args: str, timeout: float = 300) -> list:
     return [(p.wait(timeout), *p.communicate()) for p in procs]
 
 
-def test_fsdp_without_torchrun_is_a_one_line_error(corpus: Path, tmp_path: Path) -> None:
+def test_fsdp_without_torchrun_is_a_one_line_error(corpus: SimpleNamespace, tmp_path: Path) -> None:
     for extra, needle in ((["--parallel", "fsdp"], "torchrun"), (["--parallel", "fsdp", "--dtype", "fp16"], "--dtype bf16"),
                           (["--parallel", "fsdp", "--optimizer", "muon"], "--optimizer adamw")):
         r = run_script("train.py", *common_args(corpus, tmp_path / "x", *SMALL, "--batch_size", "4"), *extra,
@@ -444,7 +431,7 @@ def test_fsdp_without_torchrun_is_a_one_line_error(corpus: Path, tmp_path: Path)
 
 
 @pytest.mark.slow
-def test_bad_fsdp_setups_are_one_line_errors(corpus: Path, tmp_path: Path) -> None:
+def test_bad_fsdp_setups_are_one_line_errors(corpus: SimpleNamespace, tmp_path: Path) -> None:
     # a world size that does not divide the batch: 256 tokens over 3 ranks of 2 x 32
     results = launch_ranks(3, *common_args(corpus, tmp_path / "a", *SMALL, "--batch_size", "2", "--parallel", "fsdp"))
     assert [code for code, _, _ in results] == [1, 1, 1]

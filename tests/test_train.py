@@ -30,20 +30,6 @@ def small(dtype: str = "fp32") -> list[str]:
 SMALL = small()
 
 
-@pytest.fixture(scope="session")
-def corpus(tmp_path_factory) -> SimpleNamespace:
-    """A 1024-token BPE trained on the built-in corpus and the whole corpus tokenized into shards."""
-    root = tmp_path_factory.mktemp("train_corpus")
-    tok, data = root / "tokenizer", root / "data"
-    r = run_script("train_tokenizer.py", "--vocab_size", "1024", "--tokenizer_train_shard_size", "300000",
-                   "--output_path", str(tok))
-    assert r.returncode == 0, r.stderr
-    r = run_script("tokenize_data.py", "--tokenizer_path", str(tok), "--data_file_name", str(data),
-                   "--encoded_dataset_shard_size", "200000", "--val_tokens", "30000")
-    assert r.returncode == 0, r.stderr
-    return SimpleNamespace(root=root, tokenizer=tok, data=data)
-
-
 def train_args(corpus: SimpleNamespace, save: Path, *extra: str) -> list[str]:
     return ["--tokenizer_path", str(corpus.tokenizer), "--data_file_name", str(corpus.data),
             "--save_file_name", str(save), *extra]
