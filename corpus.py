@@ -39,16 +39,20 @@ def builtin_corpus_documents() -> tuple[str, ...]:
         for name in sorted(files):
             if not name.endswith(".py"):
                 continue
-            try:
-                tree = ast.parse(Path(directory, name).read_text(encoding="utf-8"))
-            except (SyntaxError, UnicodeDecodeError, OSError, ValueError):
-                continue
-            for node in ast.walk(tree):
-                if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-                    doc = ast.get_docstring(node)
-                    if doc and len(doc) >= 40:
-                        documents.append(doc)
+            documents.extend(file_docstrings(Path(directory, name), 40))
     return tuple(documents)
+
+
+def file_docstrings(file: Path, min_chars: int) -> list[str]:
+    """The docstrings (module, class, function) of one Python source file with at least min_chars characters, in
+    ast.walk order; none from a file that does not parse."""
+    try:
+        tree = ast.parse(file.read_text(encoding="utf-8"))
+    except (SyntaxError, UnicodeDecodeError, OSError, ValueError):
+        return []
+    docs = (ast.get_docstring(node) for node in ast.walk(tree)
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)))
+    return [doc for doc in docs if doc and len(doc) >= min_chars]
 
 
 def _local_files(path: Path) -> list[Path]:
