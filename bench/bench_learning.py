@@ -29,7 +29,6 @@ the lowest seen (what --keep_best keeps).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import html.parser
 import json
 import math
@@ -91,6 +90,18 @@ RECIPES: dict[str, dict] = {
     "tiny-today-emb10": dict(preset="tiny", model={}, train=dict(lr=3e-3, **ADAMW, **COSINE, embed_x=10)),
     "dense-muon-wsd40-emb10": dict(preset="tiny-dense", model={}, train={**MUON, **WSD, "decay_frac": 0.4,
                                                                          "embed_x": 10}),
+    # (c) decaying to zero instead of to 10% of the peak ("straight to zero"), zero-initialised output
+    # projections, a 60% decay
+    "tiny-muon-wsd40-emb10-d2z": dict(preset="tiny", model={}, train={**MUON, **WSD, "decay_frac": 0.4,
+                                                                        "embed_x": 10, "min_lr_frac": 0.0}),
+    "tiny-muon-wsd40-emb10-zero": dict(preset="tiny", model=dict(zero_init_out=True),
+                                       train={**MUON, **WSD, "decay_frac": 0.4, "embed_x": 10}),
+    "tiny-muon-wsd60-emb10": dict(preset="tiny", model={}, train={**MUON, **WSD, "decay_frac": 0.6,
+                                                                    "embed_x": 10}),
+    # (c) with the AdamW groups (head, norms, router) at 2x / 4x the rate, Muon and the embedding as in (c)
+    **{f"tiny-muon-wsd40-emb10-head{k}": dict(preset="tiny", model={}, train={
+        **MUON, "lr": MUON["lr"] * k, **WSD, "decay_frac": 0.4, "embed_x": 10 / k}) for k in (2, 4)},
+    "gpt2-d2z": dict(preset="tiny-dense", model=GPT2_ARCH, train=dict(lr=2e-3, **ADAMW, **COSINE, min_lr_frac=0.0)),
     # MoE against dense: our dense preset with the default recipe
     "dense-muon-wsd40": dict(preset="tiny-dense", model={}, train={**MUON, **WSD, "decay_frac": 0.4}),
 }
@@ -170,8 +181,9 @@ DOCSTRING_PACKAGES = ("transformers", "torch", "numpy")
 def package_docstrings() -> list[str]:
     """Distinct docstrings of at least 200 characters from the installed transformers, torch and numpy sources
     (the packages this project needs), files in sorted order."""
-    import ast
     import importlib.util
+
+    import corpus
 
     seen: dict[str, None] = {}
     for package in DOCSTRING_PACKAGES:
@@ -181,15 +193,8 @@ def package_docstrings() -> list[str]:
         for file in sorted(Path(list(spec.submodule_search_locations)[0]).rglob("*.py")):
             if "test" in file.parent.name:
                 continue
-            try:
-                tree = ast.parse(file.read_text(encoding="utf-8"))
-            except (SyntaxError, UnicodeDecodeError, OSError, ValueError):
-                continue
-            for node in ast.walk(tree):
-                if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-                    doc = ast.get_docstring(node)
-                    if doc and len(doc) >= 200:
-                        seen.setdefault(doc)
+            for doc in corpus.file_docstrings(file, 200):
+                seen.setdefault(doc)
     return list(seen)
 
 
@@ -240,10 +245,11 @@ def recipe_config(name: str, lr_mult: float, steps: int, vocab: int):
     train["lr"] = train["lr"] * lr_mult
     # the embedding's rate as a multiple of lr; 0 (it follows lr) unless the recipe names one
     train["embed_lr"] = train["lr"] * train.pop("embed_x", 0)
+    min_lr = train["lr"] * train.pop("min_lr_frac", BASE["min_lr_frac"])
     if "muon_lr" in train:
         train["muon_lr"] = train["muon_lr"] * lr_mult
     cfg = TrainConfig(steps=steps, warm_up=min(BASE["warm_up"], max(steps // 10, 1)),
-                      min_lr=train["lr"] * BASE["min_lr_frac"], weight_decay=BASE["weight_decay"],
+                      min_lr=min_lr, weight_decay=BASE["weight_decay"],
                       grad_clip=BASE["grad_clip"], batch_size=BATCH, total_batch_size=BATCH * SEQ_LEN, seq_len=SEQ_LEN,
                       **train)
     args = model_args_from_preset(r["preset"], vocab_size=vocab, **r["model"])
