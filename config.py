@@ -272,8 +272,9 @@ class TrainConfig(TokenizerOptions):
     total_batch_size: int = opt(16384, "tokens per optimizer step, across all ranks and micro-steps", ge=1)
     batch_size: int = opt(16, "sequences per micro-batch per rank", ge=1)
     seq_len: int = opt(0, "training sequence length; 0 means the model's max_seq_len", ge=0)
-    lr: float = opt(1e-3, "peak learning rate", gt=0)
-    min_lr: float = opt(1e-4, "learning rate at the end of the decay (Muon groups: min_lr / lr of --muon_lr)",
+    lr: float = opt(6e-3, "peak AdamW learning rate (with --optimizer muon: of the output head, norms and router)",
+                    gt=0)
+    min_lr: float = opt(6e-4, "learning rate at the end of the decay (Muon groups: min_lr / lr of --muon_lr)",
                         ge=0)
     warm_up: int = opt(100, "linear warm-up steps", ge=0)
     lr_schedule: str = opt("wsd", "cosine: decay from the end of the warm-up; wsd: warmup-stable-decay, the peak "
@@ -283,9 +284,10 @@ class TrainConfig(TokenizerOptions):
     optimizer: str = opt("muon", "adamw: AdamW everywhere; muon: Muon for the hidden weight matrices (attention, "
                                   "feed-forward, routed experts) and AdamW (--lr) for the embedding, head, norms "
                                   "and router", choices=("adamw", "muon"))
-    embed_lr: float = opt(0.01, "peak AdamW rate of the token embedding, without weight decay (0: --lr, with "
-                                "decay; an embedding tied to the head always follows --lr)", ge=0)
-    muon_lr: float = opt(0.02, "peak Muon learning rate (with --muon_lr_rule original it transfers across widths)",
+    embed_lr: float = opt(0.015, "peak AdamW rate of the token embedding, without weight decay (0: --lr, with "
+                                 "decay; an embedding tied to the head always follows --lr)", ge=0)
+    head_lr: float = opt(0.0, "peak AdamW rate of the output head, with weight decay (0: --lr)", ge=0)
+    muon_lr: float = opt(0.01, "peak Muon learning rate (with --muon_lr_rule original it transfers across widths)",
                          gt=0)
     muon_lr_rule: str = opt("original", "per-matrix Muon rate: original = muon_lr * sqrt(max(1, out/in)) "
                                         "(spectral: width-independent); match_rms_adamw = muon_lr * 0.2 * "
@@ -332,7 +334,15 @@ class TrainConfig(TokenizerOptions):
 
 @dataclass
 class FineTuneConfig(TrainConfig):
-    """What every stage that starts from a trained model changes in TrainConfig's defaults."""
+    """What every stage that starts from a trained model changes in TrainConfig's defaults: AdamW with a cosine
+    decay at the stage's own --lr (Muon at pretraining's --muon_lr moved a fine-tuned model much too far: SFT's
+    held-out answer loss 3.51 against AdamW's 3.39 after the quickstart's 150 steps)."""
+
+    optimizer: str = opt("adamw", "adamw: AdamW everywhere; muon: Muon for the hidden weight matrices (at --muon_lr) "
+                                  "and AdamW (--lr) for the embedding, head, norms and router",
+                         choices=("adamw", "muon"))
+    lr_schedule: str = opt("cosine", "cosine: decay from the end of the warm-up; wsd: warmup-stable-decay",
+                           choices=("cosine", "wsd"))
 
     embed_lr: float = opt(0.0, "peak AdamW rate of the token embedding (0: --lr, with decay, as every other "
                                "AdamW matrix when fine-tuning)", ge=0)

@@ -168,7 +168,8 @@ def adamw_groups(model: torch.nn.Module, cfg: TrainConfig, decay: list[torch.nn.
     """AdamW's groups: matrices with weight decay, vectors without, and with --embed_lr the token embedding on its
     own at that rate without decay (its rows are read through the first RMSNorm, so only their direction counts,
     and a row is updated only when its token occurs; modded-nanogpt and nanochat step it 50-100x faster than the
-    head). A tied embedding is the head and stays in `decay`."""
+    head). A tied embedding is the head and stays in `decay`. With --head_lr the output head (tied or not) gets its
+    own rate, with decay."""
     groups = [{"params": decay, "weight_decay": cfg.weight_decay, "lr_scale": 1.0},
               {"params": no_decay, "weight_decay": 0.0, "lr_scale": 1.0}]
     embed = getattr(getattr(model, "embed", None), "weight", None)
@@ -176,6 +177,9 @@ def adamw_groups(model: torch.nn.Module, cfg: TrainConfig, decay: list[torch.nn.
     if cfg.embed_lr > 0 and embed is not None and embed is not head and any(p is embed for p in decay):
         groups[0]["params"] = [p for p in decay if p is not embed]
         groups.append({"params": [embed], "weight_decay": 0.0, "lr_scale": cfg.embed_lr / cfg.lr})
+    if cfg.head_lr > 0 and head is not None and any(p is head for p in groups[0]["params"]):
+        groups[0]["params"] = [p for p in groups[0]["params"] if p is not head]
+        groups.append({"params": [head], "weight_decay": cfg.weight_decay, "lr_scale": cfg.head_lr / cfg.lr})
     return groups
 
 

@@ -17,8 +17,8 @@ $PY tokenize_data.py --dataset_path_huggingface builtin "${TOK[@]}" --data_file_
 
 echo "== 3/6 train the tiny MLA+MoE model"
 $PY train.py --model tiny "${TOK[@]}" --data_file_name "$OUT/data" --save_file_name "$OUT/checkpoints" \
-    --resume=False --overwrite --steps 600 --seq_len 128 --batch_size 16 --total_batch_size 2048 --lr 3e-3 \
-    --min_lr 3e-4 --embed_lr 0.03 --optimizer muon --muon_lr 0.02 --lr_schedule wsd --decay_frac 0.4 --warm_up 30 \
+    --resume=False --overwrite --steps 600 --seq_len 128 --batch_size 16 --total_batch_size 2048 --lr 6e-3 \
+    --min_lr 6e-4 --embed_lr 0.015 --optimizer muon --muon_lr 0.01 --lr_schedule wsd --decay_frac 0.4 --warm_up 30 \
     --eval_rate 200 --eval_steps 10 --save_rate 200 --log_every 20
 
 echo "== 4/6 generate"

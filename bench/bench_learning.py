@@ -56,6 +56,7 @@ PYDOC_HTML = Path("/usr/share/doc/python3/html")
 BASE = dict(warm_up=30, min_lr_frac=0.1, weight_decay=0.1, grad_clip=1.0)
 # every recipe names its optimizer and schedule: TrainConfig's defaults must not leak into a recipe
 MUON = dict(optimizer="muon", lr=3e-3, muon_lr=0.02)
+_DEFAULTS = TrainConfig()
 ADAMW = dict(optimizer="adamw")
 WSD = dict(lr_schedule="wsd", decay_frac=0.2)
 COSINE = dict(lr_schedule="cosine")
@@ -84,7 +85,13 @@ RECIPES: dict[str, dict] = {
     # c without the embedding's own rate: Muon + WSD with a 40% decay
     "tiny-muon-wsd40": dict(preset="tiny", model={}, train={**MUON, **WSD, "decay_frac": 0.4}),
     "tiny-muon-wsd40-drop": dict(preset="tiny", model=dict(dropout=0.1), train={**MUON, **WSD, "decay_frac": 0.4}),
-    # (c) the default recipe (TrainConfig's defaults): Muon + WSD 40% + the embedding at 10x lr (emb10)
+    # (c) the default recipe, TrainConfig's defaults at x1: Muon, AdamW for the head/norms/router at 0.6x the Muon
+    # rate, the embedding at 1.5x, WSD with a 40% decay to 10%. It is tiny-muon-wsd40-emb10-head4 at x0.5.
+    "default": dict(preset="tiny", model={}, train=dict(
+        optimizer=_DEFAULTS.optimizer, lr=_DEFAULTS.lr, muon_lr=_DEFAULTS.muon_lr, lr_schedule=_DEFAULTS.lr_schedule,
+        decay_frac=_DEFAULTS.decay_frac, embed_x=_DEFAULTS.embed_lr / _DEFAULTS.lr,
+        min_lr_frac=_DEFAULTS.min_lr / _DEFAULTS.lr)),
+    # the previous default: Muon + WSD 40% + the embedding at 10x lr (emb10), every AdamW group at 0.15x Muon's rate
     **{f"tiny-muon-wsd40-emb{k}": dict(preset="tiny", model={}, train={**MUON, **WSD, "decay_frac": 0.4,
                                                                          "embed_x": k}) for k in (3, 10, 30, 100)},
     "tiny-today-emb10": dict(preset="tiny", model={}, train=dict(lr=3e-3, **ADAMW, **COSINE, embed_x=10)),
@@ -101,6 +108,27 @@ RECIPES: dict[str, dict] = {
     # (c) with the AdamW groups (head, norms, router) at 2x / 4x the rate, Muon and the embedding as in (c)
     **{f"tiny-muon-wsd40-emb10-head{k}": dict(preset="tiny", model={}, train={
         **MUON, "lr": MUON["lr"] * k, **WSD, "decay_frac": 0.4, "embed_x": 10 / k}) for k in (2, 4)},
+    # (c) with the AdamW groups at 8x, and at 4x with Muon at 1.4x
+    "tiny-muon-wsd40-emb10-head8": dict(preset="tiny", model={}, train={
+        **MUON, "lr": MUON["lr"] * 8, **WSD, "decay_frac": 0.4, "embed_x": 10 / 8}),
+    "tiny-muon-wsd40-emb10-head4-muon1.4": dict(preset="tiny", model={}, train={
+        **MUON, "lr": MUON["lr"] * 4, "muon_lr": MUON["muon_lr"] * 1.4, **WSD, "decay_frac": 0.4, "embed_x": 10 / 4}),
+    # norms and router at 4x, the head and the embedding at the previous rates (0.15x and 1.5x Muon's)
+    "tiny-muon-wsd40-emb10-norms4": dict(preset="tiny", model={}, train={
+        **MUON, "lr": MUON["lr"] * 4, **WSD, "decay_frac": 0.4, "embed_x": 10 / 4, "head_x": 1 / 4}),
+    # the many-epoch remedy for the higher AdamW rate: dropout 0.1
+    "tiny-muon-wsd40-emb10-head4-drop": dict(preset="tiny", model=dict(dropout=0.1), train={
+        **MUON, "lr": MUON["lr"] * 4, **WSD, "decay_frac": 0.4, "embed_x": 10 / 4}),
+    # MoE against dense with the AdamW groups at 4x
+    "dense-muon-wsd40-emb10-head4": dict(preset="tiny-dense", model={}, train={
+        **MUON, "lr": MUON["lr"] * 4, **WSD, "decay_frac": 0.4, "embed_x": 10 / 4}),
+    # (c) with QK normalisation; with 16 experts of half the width, 4 active (DeepSeekMoE's finer experts, the
+    # same active parameters)
+    "tiny-muon-wsd40-emb10-qknorm": dict(preset="tiny", model=dict(qk_norm=True),
+                                         train={**MUON, **WSD, "decay_frac": 0.4, "embed_x": 10}),
+    "tiny-muon-wsd40-emb10-e16a4": dict(preset="tiny", model=dict(n_routed_experts=16, moe_inter_dim=64,
+                                                                  n_activated_experts=4),
+                                        train={**MUON, **WSD, "decay_frac": 0.4, "embed_x": 10}),
     "gpt2-d2z": dict(preset="tiny-dense", model=GPT2_ARCH, train=dict(lr=2e-3, **ADAMW, **COSINE, min_lr_frac=0.0)),
     # MoE against dense: our dense preset with the default recipe
     "dense-muon-wsd40": dict(preset="tiny-dense", model={}, train={**MUON, **WSD, "decay_frac": 0.4}),
@@ -245,6 +273,7 @@ def recipe_config(name: str, lr_mult: float, steps: int, vocab: int):
     train["lr"] = train["lr"] * lr_mult
     # the embedding's rate as a multiple of lr; 0 (it follows lr) unless the recipe names one
     train["embed_lr"] = train["lr"] * train.pop("embed_x", 0)
+    train["head_lr"] = train["lr"] * train.pop("head_x", 0)
     min_lr = train["lr"] * train.pop("min_lr_frac", BASE["min_lr_frac"])
     if "muon_lr" in train:
         train["muon_lr"] = train["muon_lr"] * lr_mult
@@ -439,7 +468,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--regime", default="epochs", choices=("epochs", "single"))
     parser.add_argument("--budget", type=float, nargs="+", default=[180.0], help="CPU seconds per run (one thread)")
-    parser.add_argument("--recipes", default="gpt2,tiny-today,tiny-muon-wsd40-emb10")
+    parser.add_argument("--recipes", default="gpt2,tiny-today,default")
     parser.add_argument("--lr_mults", default="1", help="LR search: multipliers of each recipe's rates")
     parser.add_argument("--seeds", default="1")
     parser.add_argument("--device", default="cpu")
@@ -452,7 +481,7 @@ def main() -> None:
     parser.add_argument("--calibrate_only", action="store_true")
     parser.add_argument("--then_budget", type=float, default=0, help="after the runs: run --then_recipes at this "
                         "budget with each one's best LR multiplier of the first runs (and half of it), --then_seeds")
-    parser.add_argument("--then_recipes", default="gpt2,tiny-today,tiny-muon-wsd40-emb10")
+    parser.add_argument("--then_recipes", default="gpt2,tiny-today,default")
     parser.add_argument("--then_seeds", default="1,2")
     parser.add_argument("--report", default="", help="print the table of this results file and exit")
     parser.add_argument("--jobs_file", default="", help="JSON list of [regime, budget, recipe, lr_mult, seed] "

@@ -269,11 +269,14 @@ def test_set_lr_runs_muon_groups_at_muon_lr():
 
 
 @pytest.mark.parametrize("optimizer", ["muon", "adamw"])
-def test_embed_lr_steps_the_embedding_alone_without_decay(optimizer):
+@pytest.mark.parametrize("head_lr", [0.0, 7e-3])
+def test_embed_lr_steps_the_embedding_alone_without_decay(optimizer, head_lr):
     """--embed_lr: the embedding moves as a plain AdamW at that (scheduled) rate without weight decay would move
-    it, while the head keeps --lr with decay; both checked against separate torch.optim.AdamW references."""
+    it, while the head keeps --lr (or --head_lr) with decay; both checked against separate torch.optim.AdamW
+    references."""
     model = build(seed=3)
-    cfg = muon_cfg(optimizer=optimizer, lr=2e-3, embed_lr=0.05, warm_up=4, steps=10, lr_schedule="cosine")
+    cfg = muon_cfg(optimizer=optimizer, lr=2e-3, embed_lr=0.05, head_lr=head_lr, warm_up=4, steps=10,
+                   lr_schedule="cosine")
     opt = build_optimizer(model, cfg, torch.device("cpu"))
     embed = model.embed.weight.detach().clone().requires_grad_()
     head = model.head.weight.detach().clone().requires_grad_()
@@ -285,7 +288,7 @@ def test_embed_lr_steps_the_embedding_alone_without_decay(optimizer):
         model(x, x).backward()
         embed.grad, head.grad = model.embed.weight.grad.clone(), model.head.weight.grad.clone()
         ref_embed.param_groups[0]["lr"] = base * cfg.embed_lr / cfg.lr
-        ref_head.param_groups[0]["lr"] = base
+        ref_head.param_groups[0]["lr"] = base * (head_lr or cfg.lr) / cfg.lr
         opt.step()
         opt.zero_grad()
         ref_embed.step()
