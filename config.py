@@ -331,6 +331,12 @@ class TrainConfig(TokenizerOptions):
     reshard_after_forward: bool = opt(True, "fsdp: free each block's gathered weights after its forward and gather "
                                             "them again for backward (less memory, one more all-gather per block)")
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.min_lr > self.lr:  # the decay would climb: the defaults' min_lr is for the default lr
+            raise ConfigError(f"--min_lr {self.min_lr:g} is above --lr {self.lr:g}; pass a --min_lr at most --lr "
+                              f"(the default recipe decays to a tenth: --min_lr {self.lr / 10:g})")
+
 
 @dataclass
 class FineTuneConfig(TrainConfig):

@@ -608,7 +608,8 @@ def restore(run: Run, task: Task) -> None:
         run.optimizer.load_state_dict(optimizer_state)
     except (ValueError, KeyError) as e:
         raise UserError(f"the optimizer state in '{run.resume_dir}' does not fit this run's optimizer "
-                        f"({first_line(e)}); resume with the same --optimizer and --embed_lr settings") from None
+                        f"({first_line(e)}); resume with the same --optimizer, --embed_lr and --head_lr "
+                        f"settings") from None
     _restore_position(run, task, state)
 
 

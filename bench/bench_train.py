@@ -55,7 +55,7 @@ class Runner:
 
     def __init__(self, name: str, model: torch.nn.Module, loss_fn, batch, after_step=None) -> None:
         self.name, self.model, self.loss_fn, self.batch, self.after_step = name, model, loss_fn, batch, after_step
-        self.optimizer = build_optimizer(model, TrainConfig(lr=1e-4, weight_decay=0.1, optimizer="adamw", embed_lr=0), torch.device("cpu"))
+        self.optimizer = build_optimizer(model, TrainConfig(lr=1e-4, min_lr=1e-5, weight_decay=0.1, optimizer="adamw", embed_lr=0), torch.device("cpu"))
         self.times: list[float] = []          # wall seconds per timed step
         self.cpu: list[float] = []            # user + system CPU seconds per timed step
         self.user: list[float] = []

@@ -142,6 +142,7 @@ def test_unreachable_hub_is_a_one_line_error(script, tmp_path) -> None:
 @pytest.mark.parametrize("script_name, argv, needle", [
     ("train.py", ["--save_rate", "0"], "--save_rate must be >= 1"),
     ("train.py", ["--lr", "-1"], "--lr must be > 0"),
+    ("train.py", ["--lr", "5e-4"], "--min_lr 0.0006 is above --lr 0.0005"),
     ("train.py", ["--lr", "nan"], "--lr must be a finite number"),
     ("train.py", ["--beta1", "1.5"], "--beta1 must be >= 0 and < 1"),
     ("train.py", ["--seed", "-1"], "--seed must be >= 0"),

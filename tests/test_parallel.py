@@ -303,7 +303,8 @@ def common_args(corpus: SimpleNamespace, save: Path, *extra: str) -> list[str]:
     return ["--tokenizer_path", str(corpus.tokenizer), "--data_file_name", str(corpus.data),
             "--save_file_name", str(save), "--seq_len", "32", "--dtype", "fp32", "--device", "cpu",
             "--total_batch_size", "256", "--warm_up", "5", "--lr", "3e-3", "--eval_rate", "10", "--eval_steps", "2",
-            "--seed", "7", "--quiet", "--optimizer", "adamw", "--lr_schedule", "cosine", "--embed_lr", "0", *extra]
+            "--seed", "7", "--quiet", "--optimizer", "adamw", "--lr_schedule", "cosine", "--embed_lr", "0",
+            "--min_lr", "1e-4", *extra]
 
 
 # 2 ranks x 2 sequences x 2 micro-steps (gradient sync on the second only) against 1 process x 4 sequences x 2
@@ -389,7 +390,7 @@ def test_tools_read_a_sharded_checkpoint(corpus: SimpleNamespace, uninterrupted,
     assert r.returncode == 0, r.stderr
     # --init_from a sharded step folder
     r = run_script("train.py", *common_args(corpus, tmp_path / "init", *SMALL, "--batch_size", "4", "--steps", "1",
-                                            "--lr", "1e-9", "--warm_up", "0", "--eval_rate", "0",
+                                            "--lr", "1e-9", "--min_lr", "0", "--warm_up", "0", "--eval_rate", "0",
                                             "--init_from", str(step)), env=ONE_THREAD)
     assert r.returncode == 0, r.stderr
     # the one-command consolidation

@@ -84,7 +84,7 @@ def test_ddp_two_processes_match_one_process(corpus, tmp_path: Path, optimizer: 
     tol = DDP_TOLERANCE[optimizer]
     common = [*SMALL, "--steps", "5", "--total_batch_size", "256", "--warm_up", "2", "--lr", "3e-3",
               "--eval_rate", "5", "--save_rate", "1000", "--quiet", "--seed", "7", "--optimizer", optimizer,
-              "--embed_lr", "0.01"]
+              "--embed_lr", "0.01", "--muon_lr", "0.02", "--min_lr", "1e-4"]  # the rates its tolerances were set at
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                           str(ROOT / "train.py"), *train_args(corpus, tmp_path / "ddp", *common, "--batch_size", "2",
@@ -447,12 +447,12 @@ def test_a_new_run_never_deletes_or_resumes_another_run(corpus, tmp_path: Path) 
     rec = read_log(save / "log.jsonl")[3]
     assert rec["mfu"] == pytest.approx(rec["tokens_per_s"] * flops_of_small() / 1e12, rel=1e-6)
 
-    refused = run_script("train.py", *train_args(corpus, save, *FOLDER_RUN, "--steps", "4", "--lr", "5e-4",
+    refused = run_script("train.py", *train_args(corpus, save, *FOLDER_RUN, "--steps", "4", "--lr", "5e-4", "--min_lr", "5e-5",
                                                  "--resume=False"), env=ONE_THREAD)
     one_line_error(refused, "already holds a run")
     assert sorted(p.name for p in save.glob("step_*")) == [f"step_{s:06d}" for s in (2, 4, 6, 8)]
 
-    run_ok(*train_args(corpus, save, *FOLDER_RUN, "--steps", "4", "--lr", "5e-4", "--resume=False", "--overwrite",
+    run_ok(*train_args(corpus, save, *FOLDER_RUN, "--steps", "4", "--lr", "5e-4", "--min_lr", "5e-5", "--resume=False", "--overwrite",
                        "--keep_checkpoints", "1"))
     new_id = json.loads((save / "run.json").read_text())["run_id"]
     assert new_id != old_id
@@ -460,7 +460,7 @@ def test_a_new_run_never_deletes_or_resumes_another_run(corpus, tmp_path: Path) 
     assert not list(save.glob("replaced_*"))  # the old run is gone only now that the new one finished
     assert sorted(read_log(save / "log.jsonl")) == [1, 2, 3, 4]
 
-    again = run_ok(*train_args(corpus, save, *FOLDER_RUN, "--steps", "6", "--lr", "5e-4", "--keep_checkpoints", "1"))
+    again = run_ok(*train_args(corpus, save, *FOLDER_RUN, "--steps", "6", "--lr", "5e-4", "--min_lr", "5e-5", "--keep_checkpoints", "1"))
     assert "resuming from" in again.stdout and "step_000004" in again.stdout
     log = [json.loads(line) for line in (save / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if r["kind"] == "train"] == [1, 2, 3, 4, 5, 6]
