@@ -8,6 +8,7 @@ rope_interleave true or false) import to the same function; options HF cannot ex
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -24,7 +25,7 @@ import hf_interop as hfi  # noqa: E402
 import tokenizer as tk  # noqa: E402
 from config import ModelArgs, UserError  # noqa: E402
 from generate import generate  # noqa: E402
-from tests.chat_fixtures import random_model  # noqa: E402
+from tests import chat_fixtures  # noqa: E402
 from tests.conftest import run_script  # noqa: E402
 from tests.stage_fixtures import make_tokenizer  # noqa: E402
 
@@ -55,6 +56,10 @@ def random_args(seed: int, **features) -> ModelArgs:
     )
     values.update(features)
     return ModelArgs(**values)
+
+
+# random weights with a random non-zero router bias (exported where transformers uses it)
+random_model = functools.partial(chat_fixtures.random_model, router_bias=0.2)
 
 
 def load_hf(folder: Path) -> torch.nn.Module:
@@ -116,7 +121,7 @@ CASES = {
 def test_export_matches_transformers_logits_and_greedy_tokens(case, tmp_path):
     seed, features = CASES[case]
     args = random_args(seed, **features)
-    model = random_model(args, seed, router_bias=0.2)
+    model = random_model(args, seed)
     folder = hfi.write_hf_folder(tmp_path / "hf", args, model.state_dict())
     config = json.loads((folder / "config.json").read_text())
     assert config["model_type"] == "deepseek_v3" and config["architectures"] == ["DeepseekV3ForCausalLM"]
@@ -142,7 +147,7 @@ def test_export_matches_transformers_logits_and_greedy_tokens(case, tmp_path):
 def test_routing_really_depends_on_the_router_bias(tmp_path):
     """The bias is exported where transformers uses it: zeroing it on one side changes the model."""
     args = random_args(5, n_expert_groups=2)
-    model = random_model(args, 5, router_bias=0.2)
+    model = random_model(args, 5)
     folder = hfi.write_hf_folder(tmp_path / "hf", args, model.state_dict())
     hf = load_hf(folder)
     tokens = torch.randint(0, args.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
@@ -161,7 +166,7 @@ def test_routing_really_depends_on_the_router_bias(tmp_path):
 def test_state_dict_and_config_mappings_are_exact_inverses(case):
     seed, features = CASES[case]
     args = random_args(seed, **features)
-    model = random_model(args, seed, router_bias=0.2)
+    model = random_model(args, seed)
     sd = model.state_dict()
     hf_sd = hfi.to_hf_state_dict(sd, args)
     back = hfi.from_hf_state_dict(hf_sd, args)
@@ -173,7 +178,7 @@ def test_state_dict_and_config_mappings_are_exact_inverses(case):
 
 
 def save_tiny_checkpoint(root: Path, args: ModelArgs, tok: tk.Tokenizer | None, seed: int = 0) -> Path:
-    model = random_model(args, seed, router_bias=0.2)
+    model = random_model(args, seed)
     meta = {"model_args": args.to_dict(), "tokenizer": tok.describe() if tok else None, "train_config": {}}
     return checkpoint.save_checkpoint(root, 7, model, None, meta, {}, keep=1)
 
@@ -206,7 +211,7 @@ def test_export_import_round_trip_is_bit_identical_and_sharded(tmp_path):
 
 def test_bf16_export_keeps_the_router_in_fp32_like_transformers(tmp_path):
     args = random_args(12, n_expert_groups=2)
-    model = random_model(args, 12, router_bias=0.2)
+    model = random_model(args, 12)
     folder = hfi.write_hf_folder(tmp_path / "hf", args, model.state_dict(), dtype=torch.bfloat16)
     from safetensors import safe_open
 
@@ -234,7 +239,7 @@ def test_bf16_folder_with_fp32_router_loads_the_router_unrounded(tmp_path):
     model keeps it so: upcast to fp32 (exact for the bf16 weights) it computes what transformers computes from the
     folder in fp32, to 1e-4 and greedy token for token. A router rounded to bf16 on load is off by ~3e-3."""
     args = random_args(13, n_expert_groups=2)
-    folder = hfi.write_hf_folder(tmp_path / "hf", args, random_model(args, 13, router_bias=0.2).state_dict(), dtype=torch.bfloat16)
+    folder = hfi.write_hf_folder(tmp_path / "hf", args, random_model(args, 13).state_dict(), dtype=torch.bfloat16)
     hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     ours, _ = hfi.load_any_model(folder)
     assert ours.embed.weight.dtype == torch.bfloat16
@@ -255,7 +260,7 @@ def test_bf16_model_routes_like_transformers_router(tmp_path):
     """In a bf16 model with an fp32 router, our Gate scores experts from the bf16 activations in fp32 as
     transformers' DeepseekV3TopkRouter does: the same experts and weights for the same inputs."""
     args = random_args(14, n_expert_groups=2, n_activated_experts=3)
-    folder = hfi.write_hf_folder(tmp_path / "hf", args, random_model(args, 14, router_bias=0.2).state_dict(), dtype=torch.bfloat16)
+    folder = hfi.write_hf_folder(tmp_path / "hf", args, random_model(args, 14).state_dict(), dtype=torch.bfloat16)
     hf = AutoModelForCausalLM.from_pretrained(folder).eval()
     ours, _ = hfi.load_any_model(folder)
     x = torch.randn(64, args.dim, generator=torch.Generator().manual_seed(14)).to(torch.bfloat16)
@@ -357,7 +362,7 @@ def test_hf_configs_we_cannot_reproduce_raise_user_error(override, needle):
 
 def test_incomplete_hf_folder_raises_user_error(tmp_path):
     args = random_args(33)
-    hf_sd = hfi.to_hf_state_dict(random_model(args, 33, router_bias=0.2).state_dict(), args)
+    hf_sd = hfi.to_hf_state_dict(random_model(args, 33).state_dict(), args)
     # a router without correction bias (a model never balanced that way) is the same as a zero bias
     hf_sd.pop("model.layers.1.mlp.gate.e_score_correction_bias")
     sd = hfi.from_hf_state_dict(hf_sd, args)
@@ -736,7 +741,7 @@ def test_export_of_a_damaged_checkpoint(tmp_path, capsys):
     output is left behind."""
     args = random_args(46)
     older = save_tiny_checkpoint(tmp_path / "ckpt", args, None, seed=46)
-    model = random_model(args, 47, router_bias=0.2)
+    model = random_model(args, 47)
     meta = {"model_args": args.to_dict(), "tokenizer": None, "train_config": {}}
     newer = checkpoint.save_checkpoint(tmp_path / "ckpt", 9, model, None, meta, {}, keep=2)
     weights = newer / checkpoint.WEIGHTS_FILE
