@@ -210,13 +210,15 @@ def load_tokenizer(opts: TokenizerOptions) -> Tokenizer:
 def load_recorded_tokenizer(opts: TokenizerOptions, recorded: dict[str, Any] | None, what: str) -> Tokenizer:
     """The tokenizer that `what` (a checkpoint) was made with. It records the kind, fingerprint and file of its
     tokenizer: a Mistral checkpoint loads Mistral's tokenizer without --load_mistral_tokenizer, and when the
-    tokenizer the options name does not exist, the recorded file is used instead, so that generate.py and the
-    export need no tokenizer flag beside the checkpoint. The fingerprint is always checked."""
+    tokenizer the options name does not exist as given, the recorded file is used instead (before the project
+    folder's file of the same name, which may be another tokenizer), so that generate.py, the export and the
+    fine-tuning stages need no tokenizer flag beside the checkpoint or HF folder. The fingerprint is always
+    checked."""
     recorded = recorded or {}
     mistral = opts.load_mistral_tokenizer or recorded.get("kind") == "mistral"
     named = opts.mistral_tokenizer_path if mistral else opts.tokenizer_path
     stored_path = recorded.get("path")
-    if not _resolve(named).exists() and stored_path and Path(stored_path).is_file():
+    if not Path(named).expanduser().exists() and stored_path and Path(stored_path).is_file():
         named = stored_path
     field = "mistral_tokenizer_path" if mistral else "tokenizer_path"
     opts = dataclasses.replace(opts, load_mistral_tokenizer=mistral, **{field: named})

@@ -1012,9 +1012,6 @@ def load_stage_tokenizer(cfg):
     meta = stored_meta(cfg)
     if meta is None:
         return tokenizer_lib.load_tokenizer(cfg)
-    hf_folder = meta.get("hf_folder")
-    if hf_folder and not cfg.load_mistral_tokenizer and not Path(cfg.tokenizer_path).exists():
-        cfg = dataclasses.replace(cfg, tokenizer_path=hf_folder)  # not a project tokenizer/ of the same name
     return tokenizer_lib.load_recorded_tokenizer(cfg, meta.get("tokenizer"), cfg.init_from or cfg.save_file_name)
 
 

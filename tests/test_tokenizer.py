@@ -351,3 +351,22 @@ def test_missing_default_mistral_file_says_where_to_put_it(tmp_path, monkeypatch
     for needle in ("https://huggingface.co/mistralai/Mistral-Nemo-Base-2407", "tokenizer.json", "project directory",
                    "--mistral_tokenizer_path"):
         assert needle in message
+
+
+def test_recorded_file_wins_over_the_project_folder_fallback(tmp_path, monkeypatch):
+    """A checkpoint (or HF folder) records its tokenizer file. When the named --tokenizer_path does not exist as
+    given, that file is loaded, not the project folder's tokenizer/ of the same name, which here is another
+    tokenizer; a named path that does exist is still used as given."""
+    from tests.stage_fixtures import make_tokenizer
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(tk, "PROJECT_DIR", tmp_path / "project")
+    other = make_tokenizer(tmp_path / "project" / "tokenizer", vocab_size=300)
+    own = make_tokenizer(tmp_path / "run" / "tok", vocab_size=320)
+    assert own.fingerprint != other.fingerprint
+    loaded = tk.load_recorded_tokenizer(config.TokenizerOptions(), tk.recorded_tokenizer(own), "the checkpoint")
+    assert loaded.fingerprint == own.fingerprint and loaded.vocab_size == 320
+    # named and present as given: that file, checked against the record
+    with pytest.raises(config.UserError, match="fingerprint|different tokenizer"):
+        tk.load_recorded_tokenizer(config.TokenizerOptions(tokenizer_path=str(tmp_path / "project" / "tokenizer")),
+                                   tk.recorded_tokenizer(own), "the checkpoint")
