@@ -24,6 +24,13 @@ def opt(default: Any, help: str, choices: Sequence[Any] | None = None, *, ge: fl
     return field(default=default, metadata={"help": help, "choices": choices, "bounds": bounds})
 
 
+def redefault(cls: type, name: str, default: Any, help: str | None = None) -> Any:
+    """`cls`'s field `name` (its help, choices and range) with another default, and optionally another help: a
+    stage's own default for an inherited option, without retyping the option."""
+    parent = next(f for f in dataclasses.fields(cls) if f.name == name)
+    return field(default=default, metadata={**parent.metadata, **({"help": help} if help else {})})
+
+
 _BOUND_TEXT = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
 _BOUND_OK = {"ge": lambda v, b: v >= b, "gt": lambda v, b: v > b, "le": lambda v, b: v <= b,
              "lt": lambda v, b: v < b}
@@ -344,11 +351,8 @@ class FineTuneConfig(TrainConfig):
     decay at the stage's own --lr (Muon at pretraining's --muon_lr moved a fine-tuned model much too far: SFT's
     held-out answer loss 3.51 against AdamW's 3.39 after the quickstart's 150 steps)."""
 
-    optimizer: str = opt("adamw", "adamw: AdamW everywhere; muon: Muon for the hidden weight matrices (at --muon_lr) "
-                                  "and AdamW (--lr) for the embedding, head, norms and router",
-                         choices=("adamw", "muon"))
-    lr_schedule: str = opt("cosine", "cosine: decay from the end of the warm-up; wsd: warmup-stable-decay",
-                           choices=("cosine", "wsd"))
+    optimizer: str = redefault(TrainConfig, "optimizer", "adamw")
+    lr_schedule: str = redefault(TrainConfig, "lr_schedule", "cosine")
 
     embed_lr: float = opt(0.0, "peak AdamW rate of the token embedding (0: --lr, with decay, as every other "
                                "AdamW matrix when fine-tuning)", ge=0)
@@ -360,7 +364,7 @@ class SFTConfig(FineTuneConfig):
     they are cut into rows; the defaults differ where fine-tuning differs from pretraining."""
 
     init_from: str = opt("checkpoints", "the pretrained model: a checkpoint folder or a HF DeepseekV3 model folder")
-    save_file_name: str = opt("sft_checkpoints", "checkpoint folder (training resumes from its latest checkpoint)")
+    save_file_name: str = redefault(TrainConfig, "save_file_name", "sft_checkpoints")
     dataset_path_huggingface: str = opt("builtin", "conversations: a HF hub dataset id, a local .jsonl/.parquet "
                                                    "file or folder, or 'builtin' (chat_data.py, no download)")
     dataset_sub_set: str = opt("", "HF dataset configuration (subset) name")
@@ -373,11 +377,11 @@ class SFTConfig(FineTuneConfig):
     pack: bool = opt(True, "pack whole conversations into each row (otherwise one conversation per padded row)")
     overlong: str = opt("truncate", "a conversation longer than a row: truncate it, or drop it",
                         choices=("truncate", "drop"))
-    steps: int = opt(300, "optimizer steps", ge=1)
-    total_batch_size: int = opt(4096, "tokens per optimizer step, across all ranks and micro-steps", ge=1)
-    lr: float = opt(3e-4, "peak learning rate", gt=0)
-    min_lr: float = opt(3e-5, "learning rate at the end of the cosine decay", ge=0)
-    warm_up: int = opt(20, "linear warm-up steps", ge=0)
+    steps: int = redefault(TrainConfig, "steps", 300)
+    total_batch_size: int = redefault(TrainConfig, "total_batch_size", 4096)
+    lr: float = redefault(TrainConfig, "lr", 3e-4)
+    min_lr: float = redefault(TrainConfig, "min_lr", 3e-5)
+    warm_up: int = redefault(TrainConfig, "warm_up", 20)
     eval_rate: int = opt(100, "evaluate the held-out answer loss every this many steps (0 = never)", ge=0)
 
 
@@ -388,11 +392,11 @@ class TaskSFTConfig(FineTuneConfig):
     task: str = opt("add2", "built-in task: its training problems with their answers", choices=("add2", "add3",
                                                                                               "reverse"))
     eval_problems: int = opt(500, "held-out problems per evaluation (greedy exact match)", ge=1)
-    lr: float = opt(3e-3, "peak learning rate", gt=0)
-    min_lr: float = opt(3e-3, "learning rate at the end of the cosine decay", ge=0)
-    warm_up: int = opt(20, "linear warm-up steps", ge=0)
-    weight_decay: float = opt(0.0, "AdamW weight decay (matrices only)", ge=0)
-    steps: int = opt(600, "optimizer steps", ge=1)
+    lr: float = redefault(TrainConfig, "lr", 3e-3)
+    min_lr: float = redefault(TrainConfig, "min_lr", 3e-3)
+    warm_up: int = redefault(TrainConfig, "warm_up", 20)
+    weight_decay: float = redefault(TrainConfig, "weight_decay", 0.0)
+    steps: int = redefault(TrainConfig, "steps", 600)
     batch_size: int = opt(64, "problems per micro-batch per rank", ge=1)
     total_batch_size: int = opt(0, "problems per optimizer step across ranks and micro-steps; 0 means one "
                                    "micro-batch of --batch_size per rank", ge=0)
@@ -415,11 +419,11 @@ class DPOConfig(FineTuneConfig):
                                       "sigmoid, robust DPO with robust", ge=0, lt=0.5)
     precompute_ref: bool = opt(False, "compute the reference log-probabilities of every pair once before "
                                       "training and free the reference model")
-    lr: float = opt(1e-5, "peak learning rate", gt=0)
-    min_lr: float = opt(1e-6, "learning rate at the end of the cosine decay", ge=0)
-    weight_decay: float = opt(0.0, "AdamW weight decay (matrices only)", ge=0)
-    warm_up: int = opt(10, "linear warm-up steps", ge=0)
-    steps: int = opt(200, "optimizer steps", ge=1)
+    lr: float = redefault(TrainConfig, "lr", 1e-5)
+    min_lr: float = redefault(TrainConfig, "min_lr", 1e-6)
+    weight_decay: float = redefault(TrainConfig, "weight_decay", 0.0)
+    warm_up: int = redefault(TrainConfig, "warm_up", 10)
+    steps: int = redefault(TrainConfig, "steps", 200)
     batch_size: int = opt(8, "preference pairs per micro-batch per rank", ge=1)
     total_batch_size: int = opt(0, "preference pairs per optimizer step across ranks and micro-steps; 0 means one "
                                    "micro-batch of --batch_size per rank", ge=0)
@@ -453,11 +457,11 @@ class GRPOConfig(FineTuneConfig):
                               ge=1)
     val_fraction: float = opt(0.02, "fraction of non-builtin prompts held out for evaluation", ge=0, lt=1)
     eval_problems: int = opt(500, "held-out prompts per evaluation (greedy decoding)", ge=1)
-    lr: float = opt(3e-4, "peak learning rate", gt=0)
-    warm_up: int = opt(0, "linear warm-up steps", ge=0)
-    min_lr: float = opt(3e-4, "learning rate at the end of the cosine decay", ge=0)
-    weight_decay: float = opt(0.0, "AdamW weight decay (matrices only)", ge=0)
-    steps: int = opt(300, "optimizer steps", ge=1)
+    lr: float = redefault(TrainConfig, "lr", 3e-4)
+    warm_up: int = redefault(TrainConfig, "warm_up", 0)
+    min_lr: float = redefault(TrainConfig, "min_lr", 3e-4)
+    weight_decay: float = redefault(TrainConfig, "weight_decay", 0.0)
+    steps: int = redefault(TrainConfig, "steps", 300)
     batch_size: int = opt(16, "prompts per micro-batch per rank (each sampled group_size times)", ge=1)
     total_batch_size: int = opt(0, "prompts per optimizer step across ranks and micro-steps; 0 means one "
                                    "micro-batch of --batch_size per rank", ge=0)
