@@ -302,6 +302,10 @@ class TrainConfig(TokenizerOptions):
                             choices=("original", "match_rms_adamw"))
     muon_momentum: float = opt(0.95, "Muon momentum (Nesterov)", ge=0, lt=1)
     muon_weight_decay: float = opt(0.0, "Muon decoupled weight decay (multiplied by the Muon rate)", ge=0)
+    muon_wd_per_epoch: float = opt(0.1, "Muon weight decay added for each planned pass over the training data "
+                                        "beyond the first (passes = steps x total_batch_size / training tokens): a "
+                                        "run that repeats its data needs more regularisation, a single pass none; "
+                                        "train.py only", ge=0)
     keep_best: bool = opt(False, "also keep the checkpoint with the lowest validation loss in "
                                  "<save_file_name>/best (a run that overfits still ends with its best model)")
     weight_decay: float = opt(0.1, "AdamW weight decay (matrices only)", ge=0)
@@ -353,9 +357,17 @@ class FineTuneConfig(TrainConfig):
 
     optimizer: str = redefault(TrainConfig, "optimizer", "adamw")
     lr_schedule: str = redefault(TrainConfig, "lr_schedule", "cosine")
+    muon_wd_per_epoch: float = opt(0.0, "pretraining's Muon weight decay per pass over the data (train.py); a "
+                                        "fine-tuning stage takes --muon_weight_decay alone, so this stays 0", ge=0)
 
     embed_lr: float = opt(0.0, "peak AdamW rate of the token embedding (0: --lr, with decay, as every other "
                                "AdamW matrix when fine-tuning)", ge=0)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.muon_wd_per_epoch:  # its passes are token passes over a pretraining data folder
+            raise ConfigError("--muon_wd_per_epoch is for pretraining (train.py); set the fine-tuning stage's "
+                              "Muon weight decay with --muon_weight_decay")
 
 
 @dataclass

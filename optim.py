@@ -241,6 +241,27 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * lr_factor(step, cfg)
 
 
+def repeat_weight_decay(cfg: TrainConfig, passes: float) -> float:
+    """Muon's weight decay once `passes` passes over the training data are done: --muon_weight_decay plus
+    --muon_wd_per_epoch for each pass beyond the first. Weight decay helps a run over repeated data (it overfits
+    without it) and slows a single pass, so it grows as the data repeats (README, "Training recipe"). It depends on
+    the tokens seen, not on --steps, so a WSD run's stable checkpoint still extends exactly."""
+    return cfg.muon_weight_decay + cfg.muon_wd_per_epoch * max(0.0, passes - 1.0)
+
+
+def set_schedule(optimizer: torch.optim.Optimizer, step: int, cfg: TrainConfig, train_tokens: int = 0) -> float:
+    """Set the rates of optimizer step `step`: every group's learning rate (set_lr) and, when the training data's
+    size is known, the Muon groups' weight decay for the passes made before this step. Returns the base rate."""
+    lr = set_lr(optimizer, step, cfg)
+    if train_tokens and cfg.optimizer == "muon":
+        weight_decay = repeat_weight_decay(cfg, (step - 1) * cfg.total_batch_size / train_tokens)
+        for part in getattr(optimizer, "parts", [optimizer]):
+            if isinstance(part, (torch.optim.Muon, ExpertMuon)):
+                for group in part.param_groups:
+                    group["weight_decay"] = weight_decay
+    return lr
+
+
 def set_lr(optimizer: torch.optim.Optimizer, step: int, cfg: TrainConfig) -> float:
     """Set every parameter group's learning rate for optimizer step `step` (its lr_scale times the base rate:
     Muon groups run at --muon_lr); returns the base rate."""

@@ -39,7 +39,7 @@ import parallel
 from common import DTYPES, atomic_write, autocast_context, first_line, resolve_device, resolve_dtype
 from config import (ModelArgs, TrainConfig, UserError, make_writable_folder, model_args_from_preset, parse_config,
                     run_main)
-from optim import build_optimizer, decay_start, lr_at, set_lr
+from optim import build_optimizer, decay_start, lr_at, repeat_weight_decay, set_schedule
 
 # ----------------------------------------------------------------------------------------------------------------
 # Distributed setup
@@ -397,6 +397,7 @@ class Run:
     model: torch.nn.Module | None = None
     eval_model: torch.nn.Module | None = None
     closers: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
+    train_tokens: int = 0  # the training data's size, from a task that knows it: Muon's weight decay follows it
 
     @property
     def tokens_per_step(self) -> int:
@@ -712,7 +713,7 @@ def train_step(run: Run, step: int, task: Task, stop_requested: bool = False) ->
     MoE bias update. Returns the metrics averaged over micro-steps and ranks, and whether any rank got a stop
     signal (both in one collective)."""
     cfg, d = run.cfg, run.dist
-    lr = set_lr(run.optimizer, step, cfg)
+    lr = set_schedule(run.optimizer, step, cfg, run.train_tokens)
     sums: dict[str, torch.Tensor] = {}
     for micro in range(run.grad_accum):
         batch = to_device(task.train_source.next_batch(), d.device)
@@ -835,6 +836,12 @@ def log_summary(run: Run, speed: Throughput) -> None:
     run.logger.print(f"batch: {run.tokens_per_step} tokens/step = {cfg.batch_size} seqs x {run.seq_len} tokens x "
                      f"{d.world_size} ranks x {run.grad_accum} micro-steps | {run.dtype} on {d.device} | "
                      f"peak {speed.peak / 1e9:.0f} GFLOP/s ({speed.source})", True)
+    if run.train_tokens:
+        passes = cfg.steps * run.tokens_per_step / run.train_tokens
+        wd = (f" | Muon weight decay {cfg.muon_weight_decay:g}, rising by {cfg.muon_wd_per_epoch:g} a pass after the "
+              f"first to {repeat_weight_decay(cfg, passes):.3g}" if cfg.optimizer == "muon" else "")
+        run.logger.print(f"data: {run.train_tokens:,} training tokens, {passes:.2f} passes in {cfg.steps} steps{wd}",
+                         True)
     if run.resume_dir is not None:
         run.logger.print(f"resuming from {run.resume_dir} at step {run.start_step}", True)
         run.logger.record("resume", run.start_step, checkpoint=str(run.resume_dir))
@@ -1083,6 +1090,7 @@ class PretrainTask:
                       tokenizer_fingerprint=run.tokenizer.fingerprint)
         self.train_source = ShardedLoader(cfg.data_file_name, "train", cfg.batch_size, run.seq_len,
                                           shuffle=cfg.shuffle, **common)
+        run.train_tokens = self.train_source.tokens
         self.val_loader = None
         if cfg.eval_rate > 0 and cfg.eval_steps > 0:
             self.val_loader = ShardedLoader(cfg.data_file_name, "val", cfg.batch_size, run.seq_len, shuffle=False,

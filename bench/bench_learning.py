@@ -20,7 +20,8 @@ steps. The training itself then runs on --device (cpu by default; on a GPU in fp
 the budget still the CPU cost measured or read from --step_costs). Evaluation is outside the budget.
 
 Each run is what train.py does with the recipe's flags: the same model (ModelArgs from the preset plus the flags),
-initialisation, optimizer (optim.build_optimizer), schedule (optim.set_lr), gradient clipping, MoE balancing-bias
+initialisation, optimizer (optim.build_optimizer), schedule (optim.set_schedule: learning rates, and Muon's weight decay
+as the data repeats), gradient clipping, MoE balancing-bias
 update; batches are shuffled non-overlapping windows of the training tokens, as train.py's loader with --shuffle.
 Metric: validation bits per byte = mean loss / ln 2 / (UTF-8 bytes per token of the validation split), over the
 whole validation split (or, above --val_tokens, windows spread evenly over all of it), evaluated at 10 points of the run: `final` at the end, `best`
@@ -46,6 +47,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from config import TrainConfig, model_args_from_preset  # noqa: E402
+from optim import build_optimizer, repeat_weight_decay, set_schedule  # noqa: E402
 
 SEQ_LEN, BATCH = 128, 16             # the quickstart's batch: 2048 tokens per optimizer step
 VOCAB = 4096
@@ -55,12 +57,31 @@ PYDOC_HTML = Path("/usr/share/doc/python3/html")
 # Muon, muon_lr) by the same factors, so each recipe gets the same number of runs.
 BASE = dict(warm_up=30, min_lr_frac=0.1, weight_decay=0.1, grad_clip=1.0)
 # every recipe names its optimizer and schedule: TrainConfig's defaults must not leak into a recipe
-MUON = dict(optimizer="muon", lr=3e-3, muon_lr=0.02)
+MUON = dict(optimizer="muon", lr=3e-3, muon_lr=0.02, muon_wd_per_epoch=0.0)
 _DEFAULTS = TrainConfig()
 ADAMW = dict(optimizer="adamw")
 WSD = dict(lr_schedule="wsd", decay_frac=0.2)
 COSINE = dict(lr_schedule="cosine")
 GPT2_ARCH = dict(attn_type="mha", tie_embeddings=True)
+# (c), train.py's defaults as a recipe
+DEFAULT = dict(optimizer=_DEFAULTS.optimizer, lr=_DEFAULTS.lr, muon_lr=_DEFAULTS.muon_lr,
+               lr_schedule=_DEFAULTS.lr_schedule, decay_frac=_DEFAULTS.decay_frac,
+               embed_x=_DEFAULTS.embed_lr / _DEFAULTS.lr, min_lr_frac=_DEFAULTS.min_lr / _DEFAULTS.lr,
+               muon_weight_decay=_DEFAULTS.muon_weight_decay, muon_wd_per_epoch=_DEFAULTS.muon_wd_per_epoch)
+
+
+def adamw_x(k: float, preset: str = "tiny", model: dict | None = None, **train) -> dict:
+    """The previous default (Muon + WSD 40% + emb10) with the AdamW groups at k times its rate, the embedding's
+    rate unchanged."""
+    return dict(preset=preset, model=model or {}, train={**MUON, "lr": MUON["lr"] * k, **WSD, "decay_frac": 0.4,
+                                                         "embed_x": 10 / k, **train})
+
+
+def default_with(preset: str = "tiny", model: dict | None = None, **train) -> dict:
+    """(c), train.py's defaults, with another preset or some ModelArgs and TrainConfig flags changed."""
+    return dict(preset=preset, model=model or {}, train={**DEFAULT, **train})
+
+
 RECIPES: dict[str, dict] = {
     # (a) a plain dense GPT-2-style model from our flags: multi-head attention, dense SwiGLU, tied embeddings,
     # AdamW, cosine
@@ -87,10 +108,7 @@ RECIPES: dict[str, dict] = {
     "tiny-muon-wsd40-drop": dict(preset="tiny", model=dict(dropout=0.1), train={**MUON, **WSD, "decay_frac": 0.4}),
     # (c) the default recipe, TrainConfig's defaults at x1: Muon, AdamW for the head/norms/router at 0.6x the Muon
     # rate, the embedding at 1.5x, WSD with a 40% decay to 10%. It is tiny-muon-wsd40-emb10-head4 at x0.5.
-    "default": dict(preset="tiny", model={}, train=dict(
-        optimizer=_DEFAULTS.optimizer, lr=_DEFAULTS.lr, muon_lr=_DEFAULTS.muon_lr, lr_schedule=_DEFAULTS.lr_schedule,
-        decay_frac=_DEFAULTS.decay_frac, embed_x=_DEFAULTS.embed_lr / _DEFAULTS.lr,
-        min_lr_frac=_DEFAULTS.min_lr / _DEFAULTS.lr)),
+    "default": dict(preset="tiny", model={}, train=DEFAULT),
     # the previous default: Muon + WSD 40% + the embedding at 10x lr (emb10), every AdamW group at 0.15x Muon's rate
     **{f"tiny-muon-wsd40-emb{k}": dict(preset="tiny", model={}, train={**MUON, **WSD, "decay_frac": 0.4,
                                                                          "embed_x": k}) for k in (3, 10, 30, 100)},
@@ -105,23 +123,25 @@ RECIPES: dict[str, dict] = {
                                        train={**MUON, **WSD, "decay_frac": 0.4, "embed_x": 10}),
     "tiny-muon-wsd60-emb10": dict(preset="tiny", model={}, train={**MUON, **WSD, "decay_frac": 0.6,
                                                                     "embed_x": 10}),
-    # (c) with the AdamW groups (head, norms, router) at 2x / 4x the rate, Muon and the embedding as in (c)
-    **{f"tiny-muon-wsd40-emb10-head{k}": dict(preset="tiny", model={}, train={
-        **MUON, "lr": MUON["lr"] * k, **WSD, "decay_frac": 0.4, "embed_x": 10 / k}) for k in (2, 4)},
-    # (c) with the AdamW groups at 8x, and at 4x with Muon at 1.4x
-    "tiny-muon-wsd40-emb10-head8": dict(preset="tiny", model={}, train={
-        **MUON, "lr": MUON["lr"] * 8, **WSD, "decay_frac": 0.4, "embed_x": 10 / 8}),
-    "tiny-muon-wsd40-emb10-head4-muon1.4": dict(preset="tiny", model={}, train={
-        **MUON, "lr": MUON["lr"] * 4, "muon_lr": MUON["muon_lr"] * 1.4, **WSD, "decay_frac": 0.4, "embed_x": 10 / 4}),
+    # (c) with the AdamW groups (head, norms, router) at 2x / 4x / 8x the rate, Muon and the embedding as in (c)
+    **{f"tiny-muon-wsd40-emb10-head{k}": adamw_x(k) for k in (2, 4, 8)},
+    # at 4x with Muon at 1.4x
+    "tiny-muon-wsd40-emb10-head4-muon1.4": adamw_x(4, muon_lr=MUON["muon_lr"] * 1.4),
     # norms and router at 4x, the head and the embedding at the previous rates (0.15x and 1.5x Muon's)
-    "tiny-muon-wsd40-emb10-norms4": dict(preset="tiny", model={}, train={
-        **MUON, "lr": MUON["lr"] * 4, **WSD, "decay_frac": 0.4, "embed_x": 10 / 4, "head_x": 1 / 4}),
+    "tiny-muon-wsd40-emb10-norms4": adamw_x(4, head_x=1 / 4),
     # the many-epoch remedy for the higher AdamW rate: dropout 0.1
-    "tiny-muon-wsd40-emb10-head4-drop": dict(preset="tiny", model=dict(dropout=0.1), train={
-        **MUON, "lr": MUON["lr"] * 4, **WSD, "decay_frac": 0.4, "embed_x": 10 / 4}),
+    "tiny-muon-wsd40-emb10-head4-drop": adamw_x(4, model=dict(dropout=0.1)),
     # MoE against dense with the AdamW groups at 4x
-    "dense-muon-wsd40-emb10-head4": dict(preset="tiny-dense", model={}, train={
-        **MUON, "lr": MUON["lr"] * 4, **WSD, "decay_frac": 0.4, "embed_x": 10 / 4}),
+    "dense-muon-wsd40-emb10-head4": adamw_x(4, preset="tiny-dense"),
+    # (c) with regularisers for the many-epoch regime: Muon weight decay, dropout
+    **{f"default-mwd{wd}": default_with(muon_weight_decay=wd, muon_wd_per_epoch=0.0) for wd in (0.1, 0.3, 0.6, 1.0)},
+    "default-drop0.1-mwd0.1": default_with(model=dict(dropout=0.1), muon_weight_decay=0.1, muon_wd_per_epoch=0.0),
+    # (c) without the weight decay that grows with the passes over the data (the previous default), and with it
+    # growing faster
+    "default-nowd": default_with(muon_wd_per_epoch=0.0),
+    **{f"default-wdp{k}": default_with(muon_wd_per_epoch=k) for k in (0.1, 0.2, 0.4)},
+    # MoE against dense: our dense preset with the default recipe
+    "dense-default": default_with(preset="tiny-dense"),
     # (c) with QK normalisation; with 16 experts of half the width, 4 active (DeepSeekMoE's finer experts, the
     # same active parameters)
     "tiny-muon-wsd40-emb10-qknorm": dict(preset="tiny", model=dict(qk_norm=True),
@@ -129,6 +149,9 @@ RECIPES: dict[str, dict] = {
     "tiny-muon-wsd40-emb10-e16a4": dict(preset="tiny", model=dict(n_routed_experts=16, moe_inter_dim=64,
                                                                   n_activated_experts=4),
                                         train={**MUON, **WSD, "decay_frac": 0.4, "embed_x": 10}),
+    # (a) with more AdamW weight decay: the same regularisation search as (c)'s Muon weight decay
+    **{f"gpt2-wd{wd}": dict(preset="tiny-dense", model=GPT2_ARCH, train=dict(lr=2e-3, **ADAMW, **COSINE,
+                                                                           weight_decay=wd)) for wd in (0.3, 1.0)},
     "gpt2-d2z": dict(preset="tiny-dense", model=GPT2_ARCH, train=dict(lr=2e-3, **ADAMW, **COSINE, min_lr_frac=0.0)),
     # MoE against dense: our dense preset with the default recipe
     "dense-muon-wsd40": dict(preset="tiny-dense", model={}, train={**MUON, **WSD, "decay_frac": 0.4}),
@@ -278,7 +301,7 @@ def recipe_config(name: str, lr_mult: float, steps: int, vocab: int):
     if "muon_lr" in train:
         train["muon_lr"] = train["muon_lr"] * lr_mult
     cfg = TrainConfig(steps=steps, warm_up=min(BASE["warm_up"], max(steps // 10, 1)),
-                      min_lr=min_lr, weight_decay=BASE["weight_decay"],
+                      min_lr=min_lr, weight_decay=train.pop("weight_decay", BASE["weight_decay"]),
                       grad_clip=BASE["grad_clip"], batch_size=BATCH, total_batch_size=BATCH * SEQ_LEN, seq_len=SEQ_LEN,
                       **train)
     args = model_args_from_preset(r["preset"], vocab_size=vocab, **r["model"])
@@ -286,7 +309,6 @@ def recipe_config(name: str, lr_mult: float, steps: int, vocab: int):
 
 
 def build(cfg, args, device: torch.device, seed: int):
-    from optim import build_optimizer
     from train import build_model
 
     random.seed(seed)
@@ -297,11 +319,9 @@ def build(cfg, args, device: torch.device, seed: int):
     return model, build_optimizer(model, cfg, device)
 
 
-def train_step(model, optimizer, cfg, step: int, x: torch.Tensor, y: torch.Tensor) -> float:
+def train_step(model, optimizer, cfg, step: int, x: torch.Tensor, y: torch.Tensor, train_tokens: int = 0) -> float:
     """train.py's optimizer step (one micro-batch: grad_accum is 1 at this batch size)."""
-    from optim import set_lr
-
-    set_lr(optimizer, step, cfg)
+    set_schedule(optimizer, step, cfg, train_tokens)
     loss = model(x, y)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
@@ -401,6 +421,7 @@ def _run_one(job: dict) -> dict:
     train_tokens = np.load(job["train"])
     val = val_windows(np.load(job["val"]), job["val_tokens"])
     cfg, args = recipe_config(job["recipe"], job["lr_mult"], job["steps"], job["vocab"])
+    passes = cfg.steps * BATCH * SEQ_LEN / len(train_tokens)
     model, optimizer = build(cfg, args, device, job["seed"])
     data = Windows(train_tokens, job["seed"], shuffle=job.get("shuffle", True))
     evals = sorted({max(1, round(job["steps"] * k / 10)) for k in range(1, 11)})
@@ -408,7 +429,7 @@ def _run_one(job: dict) -> dict:
     for step in range(1, cfg.steps + 1):
         x, y = data.batch(device)
         c0 = time.process_time()
-        loss = train_step(model, optimizer, cfg, step, x, y)
+        loss = train_step(model, optimizer, cfg, step, x, y, len(train_tokens))
         cpu += time.process_time() - c0
         if not math.isfinite(loss):
             break
@@ -419,9 +440,10 @@ def _run_one(job: dict) -> dict:
     return {**{k: job[k] for k in ("regime", "budget", "recipe", "lr_mult", "seed", "steps", "step_cost")},
             "lr": cfg.lr, "muon_lr": cfg.muon_lr if cfg.optimizer == "muon" else None, "final_bpb": final,
             "best_bpb": best, "best_step": min(curve, key=lambda c: c[1])[0] if curve else 0, "curve": curve,
-            "train_loss": loss, "epochs": cfg.steps * BATCH * SEQ_LEN / len(train_tokens), "cpu_s": cpu,
+            "train_loss": loss, "epochs": passes, "cpu_s": cpu,
             "wall_s": time.perf_counter() - t_wall, "device": job["device"], "shuffle": job.get("shuffle", True),
-            }
+            "final_muon_weight_decay": (repeat_weight_decay(cfg, (cfg.steps - 1) * BATCH * SEQ_LEN / len(train_tokens))
+                                        if cfg.optimizer == "muon" else None)}
 
 
 # ----------------------------------------------------------------------------------------------------------------

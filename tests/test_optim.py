@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from config import ModelArgs, TrainConfig
 from model import Transformer
 from optim import (NS_COEFFICIENTS, Combined, ExpertMuon, build_optimizer, decay_start, lr_at, muon_split, set_lr,
-                   zeropower_via_newtonschulz)
+                   set_schedule, zeropower_via_newtonschulz)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -266,6 +266,41 @@ def test_set_lr_runs_muon_groups_at_muon_lr():
     assert [g["lr"] for g in opt.parts[0].param_groups] == pytest.approx([2e-3, 2e-3])
     assert opt.parts[1].param_groups[0]["lr"] == pytest.approx(0.04)
     assert opt.parts[2].param_groups[0]["lr"] == pytest.approx(0.04)
+
+
+def test_muon_weight_decay_grows_with_the_passes_over_the_data():
+    """set_schedule with the training data's size: Muon's weight decay is --muon_weight_decay until one pass is
+    done, then grows by --muon_wd_per_epoch a pass (the passes made before the step); AdamW's stays, and without
+    the data's size nothing changes. A step then decays a hidden matrix as torch.optim.Muon with that weight decay
+    does."""
+    cpu = torch.device("cpu")
+    cfg = muon_cfg(muon_weight_decay=0.05, muon_wd_per_epoch=0.3, total_batch_size=100, steps=40, warm_up=0,
+                   lr_schedule="wsd")
+    tokens = 1000                                 # 10 steps a pass
+    model = build(seed=4)
+    opt = build_optimizer(model, cfg, cpu)
+    muon_groups = opt.parts[1].param_groups + opt.parts[2].param_groups
+    for step, passes in ((1, 0.0), (10, 0.9), (11, 1.0), (12, 1.1), (31, 3.0), (40, 3.9)):
+        set_schedule(opt, step, cfg, tokens)
+        want = 0.05 + 0.3 * max(0.0, passes - 1.0)
+        assert [g["weight_decay"] for g in muon_groups] == pytest.approx([want] * len(muon_groups))
+        assert [g["weight_decay"] for g in opt.parts[0].param_groups] == [0.1, 0.0]
+    fresh = build_optimizer(build(seed=4), cfg, cpu)
+    set_schedule(fresh, 31, cfg)
+    assert {g["weight_decay"] for g in fresh.parts[1].param_groups} == {0.05}
+
+    # one step at pass 3: a hidden matrix moves as torch.optim.Muon with weight decay 0.65 moves it
+    p = opt.parts[1].param_groups[0]["params"][0]
+    ref = p.detach().clone().requires_grad_()
+    ref_opt = torch.optim.Muon([ref], lr=cfg.muon_lr * lr_at(31, cfg) / cfg.lr, weight_decay=0.65,
+                               momentum=cfg.muon_momentum, nesterov=True, adjust_lr_fn=cfg.muon_lr_rule)
+    x = torch.randint(0, VOCAB, (2, 16))
+    model(x, x).backward()
+    ref.grad = p.grad.clone()
+    set_schedule(opt, 31, cfg, tokens)
+    opt.step()
+    ref_opt.step()
+    torch.testing.assert_close(p.detach(), ref.detach(), rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("optimizer", ["muon", "adamw"])

@@ -620,6 +620,50 @@ def test_a_finished_wsd_run_extends_exactly(corpus, tmp_path: Path) -> None:
                               env=ONE_THREAD), "is not a checkpoint of the run")
 
 
+@pytest.fixture(scope="module")
+def small_data(corpus, tmp_path_factory) -> Path:
+    """About 4,000 training tokens of the corpus: a pass every 31 FOLDER_RUN steps."""
+    data = tmp_path_factory.mktemp("small_data") / "data"
+    r = run_script("tokenize_data.py", "--tokenizer_path", str(corpus.tokenizer), "--data_file_name", str(data),
+                   "--max_tokens", "4000", "--val_tokens", "300", env=ONE_THREAD)
+    assert r.returncode == 0, r.stderr
+    return data
+
+
+@pytest.mark.slow
+def test_muon_weight_decay_follows_the_passes_and_wsd_still_extends_exactly(corpus, small_data: Path,
+                                                                              tmp_path: Path) -> None:
+    """--muon_wd_per_epoch: the same steps as without it until one pass over the training data is done, then
+    other losses; the checkpoint's Muon groups hold the decay of the passes made (counted from the data folder's
+    metadata). It depends on the tokens seen, not on --steps, so a finished WSD run extended from its stable
+    checkpoint still equals the longer run."""
+    from checkpoint import OPTIMIZER_FILE, safe_torch_load
+    from data_loader import read_metadata
+
+    train_tokens = sum(s["tokens"] for s in read_metadata(small_data)["shards"] if s["split"] == "train")
+    per_pass = train_tokens / 128                 # FOLDER_RUN's steps per pass
+    assert 20 < per_pass < 40
+    data = ["--data_file_name", str(small_data)]
+    wsd = [*FOLDER_RUN, *data, "--optimizer", "muon", "--lr_schedule", "wsd", "--decay_frac", "0.3", "--save_rate",
+           "10", "--muon_weight_decay", "0.01", "--muon_wd_per_epoch", "2"]
+    r = run_ok(*train_args(corpus, tmp_path / "long", *wsd, "--steps", "70"))
+    assert f"{train_tokens:,} training tokens, {70 * 128 / train_tokens:.2f} passes in 70 steps" in r.stdout
+    run_ok(*train_args(corpus, tmp_path / "none", *wsd, "--steps", "70", "--muon_wd_per_epoch", "0"))
+    long, none = read_log(tmp_path / "long" / "log.jsonl"), read_log(tmp_path / "none" / "log.jsonl")
+    first_decayed = math.floor(per_pass) + 2  # the first step after a whole pass, plus the step it changes
+    assert [long[s]["loss"] for s in range(1, first_decayed)] == [none[s]["loss"] for s in range(1, first_decayed)]
+    assert long[70]["loss"] != none[70]["loss"]
+    groups = safe_torch_load(tmp_path / "long" / "step_000070" / OPTIMIZER_FILE)["param_groups"]
+    muon = [g for g in groups if "betas" not in g]
+    assert muon and [g["weight_decay"] for g in muon] == pytest.approx([0.01 + 2 * (69 * 128 / train_tokens - 1)] * len(muon))
+
+    run_ok(*train_args(corpus, tmp_path / "run", *wsd, "--steps", "50"))  # stable until step 35: past a pass
+    run_ok(*train_args(corpus, tmp_path / "run", *wsd, "--steps", "70", "--resume_from",
+                       str(tmp_path / "run" / "stable")))
+    got = read_log(tmp_path / "run" / "log.jsonl")
+    assert [got[s]["loss"] for s in long] == [long[s]["loss"] for s in long]
+
+
 def test_shuffled_items_ranks_split_each_epoch_and_resume_exactly():
     """DPO's pairs and the tasks' problems are read through ShuffledItems: every epoch is a seeded permutation,
     the ranks take disjoint strided shares of it, and a source restored from state_dict continues identically."""
