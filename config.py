@@ -302,13 +302,10 @@ class TrainConfig(TokenizerOptions):
                             choices=("original", "match_rms_adamw"))
     muon_momentum: float = opt(0.95, "Muon momentum (Nesterov)", ge=0, lt=1)
     muon_weight_decay: float = opt(0.0, "Muon decoupled weight decay (multiplied by the Muon rate)", ge=0)
-    muon_wd_per_epoch: float = opt(0.1, "Muon weight decay added for each planned pass over the training data "
-                                        "beyond the first (passes = steps x total_batch_size / training tokens): a "
-                                        "run that repeats its data needs more regularisation, a single pass none; "
-                                        "train.py only", ge=0)
-    repeat_dropout: float = opt(0.0, "dropout on the attention and feed-forward outputs from the second pass over "
-                                     "the training data on (the model's --dropout before it; 0 keeps --dropout "
-                                     "throughout); train.py only", ge=0, lt=1)
+    muon_wd_per_epoch: float = opt(0.2, "Muon weight decay added for each pass over the training data done after "
+                                        "the first, growing step by step (a single pass keeps --muon_weight_decay; "
+                                        "a run that repeats its data needs more regularisation); train.py only",
+                                   ge=0)
     keep_best: bool = opt(False, "also keep the checkpoint with the lowest validation loss in "
                                  "<save_file_name>/best (a run that overfits still ends with its best model)")
     weight_decay: float = opt(0.1, "AdamW weight decay (matrices only)", ge=0)
@@ -362,21 +359,15 @@ class FineTuneConfig(TrainConfig):
     lr_schedule: str = redefault(TrainConfig, "lr_schedule", "cosine")
     muon_wd_per_epoch: float = opt(0.0, "pretraining's Muon weight decay per pass over the data (train.py); a "
                                         "fine-tuning stage takes --muon_weight_decay alone, so this stays 0", ge=0)
-    repeat_dropout: float = opt(0.0, "pretraining's dropout once the data repeats (train.py); a fine-tuning stage "
-                                     "takes the model's --dropout alone, so this stays 0", ge=0, lt=1)
 
     embed_lr: float = opt(0.0, "peak AdamW rate of the token embedding (0: --lr, with decay, as every other "
                                "AdamW matrix when fine-tuning)", ge=0)
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        # their passes are passes over a pretraining data folder
-        if self.muon_wd_per_epoch:
+        if self.muon_wd_per_epoch:  # its passes are token passes over a pretraining data folder
             raise ConfigError("--muon_wd_per_epoch is for pretraining (train.py); set the fine-tuning stage's "
                               "Muon weight decay with --muon_weight_decay")
-        if self.repeat_dropout:
-            raise ConfigError("--repeat_dropout is for pretraining (train.py); set the fine-tuning stage's "
-                              "dropout with --dropout")
 
 
 @dataclass

@@ -746,11 +746,6 @@ class Transformer(nn.Module):
                 moe.gate.bias += speed * torch.sign(load.mean() - load)
             moe.tokens_per_expert.zero_()
 
-    def set_dropout(self, p: float) -> None:
-        """Dropout on every block's branch outputs from now on (training mode only)."""
-        for layer in self.layers:
-            layer.dropout = p
-
     def expert_load(self) -> torch.Tensor:
         """[n_moe_layers, n_routed_experts]: tokens routed to each expert since the last update_balance_bias."""
         layers = self.moe_layers()

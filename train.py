@@ -39,7 +39,7 @@ import parallel
 from common import DTYPES, atomic_write, autocast_context, first_line, resolve_device, resolve_dtype
 from config import (ModelArgs, TrainConfig, UserError, make_writable_folder, model_args_from_preset, parse_config,
                     run_main)
-from optim import build_optimizer, decay_start, lr_at, passes_before, repeat_weight_decay, set_schedule
+from optim import build_optimizer, decay_start, lr_at, repeat_weight_decay, set_schedule
 
 # ----------------------------------------------------------------------------------------------------------------
 # Distributed setup
@@ -714,9 +714,6 @@ def train_step(run: Run, step: int, task: Task, stop_requested: bool = False) ->
     signal (both in one collective)."""
     cfg, d = run.cfg, run.dist
     lr = set_schedule(run.optimizer, step, cfg, run.train_tokens)
-    if run.train_tokens and cfg.repeat_dropout:
-        run.raw.set_dropout(cfg.repeat_dropout if passes_before(step, cfg, run.train_tokens) >= 1
-                            else run.args.dropout)
     sums: dict[str, torch.Tensor] = {}
     for micro in range(run.grad_accum):
         batch = to_device(task.train_source.next_batch(), d.device)
@@ -843,10 +840,8 @@ def log_summary(run: Run, speed: Throughput) -> None:
         passes = cfg.steps * run.tokens_per_step / run.train_tokens
         wd = (f" | Muon weight decay {cfg.muon_weight_decay:g}, rising by {cfg.muon_wd_per_epoch:g} a pass after the "
               f"first to {repeat_weight_decay(cfg, passes):.3g}" if cfg.optimizer == "muon" else "")
-        dropout = (f" | dropout {cfg.repeat_dropout:g} from the second pass" if cfg.repeat_dropout and passes > 1
-                   else "")
-        run.logger.print(f"data: {run.train_tokens:,} training tokens, {passes:.2f} passes in {cfg.steps} "
-                         f"steps{wd}{dropout}", True)
+        run.logger.print(f"data: {run.train_tokens:,} training tokens, {passes:.2f} passes in {cfg.steps} steps{wd}",
+                         True)
     if run.resume_dir is not None:
         run.logger.print(f"resuming from {run.resume_dir} at step {run.start_step}", True)
         run.logger.record("resume", run.start_step, checkpoint=str(run.resume_dir))

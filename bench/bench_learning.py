@@ -47,7 +47,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from config import TrainConfig, model_args_from_preset  # noqa: E402
-from optim import build_optimizer, passes_before, repeat_weight_decay, set_schedule  # noqa: E402
+from optim import build_optimizer, repeat_weight_decay, set_schedule  # noqa: E402
 
 SEQ_LEN, BATCH = 128, 16             # the quickstart's batch: 2048 tokens per optimizer step
 VOCAB = 4096
@@ -57,7 +57,7 @@ PYDOC_HTML = Path("/usr/share/doc/python3/html")
 # Muon, muon_lr) by the same factors, so each recipe gets the same number of runs.
 BASE = dict(warm_up=30, min_lr_frac=0.1, weight_decay=0.1, grad_clip=1.0)
 # every recipe names its optimizer and schedule: TrainConfig's defaults must not leak into a recipe
-MUON = dict(optimizer="muon", lr=3e-3, muon_lr=0.02, muon_wd_per_epoch=0.0, repeat_dropout=0.0)
+MUON = dict(optimizer="muon", lr=3e-3, muon_lr=0.02, muon_wd_per_epoch=0.0)
 _DEFAULTS = TrainConfig()
 ADAMW = dict(optimizer="adamw")
 WSD = dict(lr_schedule="wsd", decay_frac=0.2)
@@ -67,8 +67,7 @@ GPT2_ARCH = dict(attn_type="mha", tie_embeddings=True)
 DEFAULT = dict(optimizer=_DEFAULTS.optimizer, lr=_DEFAULTS.lr, muon_lr=_DEFAULTS.muon_lr,
                lr_schedule=_DEFAULTS.lr_schedule, decay_frac=_DEFAULTS.decay_frac,
                embed_x=_DEFAULTS.embed_lr / _DEFAULTS.lr, min_lr_frac=_DEFAULTS.min_lr / _DEFAULTS.lr,
-               muon_weight_decay=_DEFAULTS.muon_weight_decay, muon_wd_per_epoch=_DEFAULTS.muon_wd_per_epoch,
-               repeat_dropout=_DEFAULTS.repeat_dropout)
+               muon_weight_decay=_DEFAULTS.muon_weight_decay, muon_wd_per_epoch=_DEFAULTS.muon_wd_per_epoch)
 
 
 def adamw_x(k: float, preset: str = "tiny", model: dict | None = None, **train) -> dict:
@@ -135,16 +134,17 @@ RECIPES: dict[str, dict] = {
     # MoE against dense with the AdamW groups at 4x
     "dense-muon-wsd40-emb10-head4": adamw_x(4, preset="tiny-dense"),
     # (c) with regularisers for the many-epoch regime: Muon weight decay, dropout
-    **{f"default-mwd{wd}": default_with(muon_weight_decay=wd, muon_wd_per_epoch=0.0, repeat_dropout=0.0)
-       for wd in (0.1, 0.3, 0.6, 1.0)},
-    "default-drop0.1-mwd0.1": default_with(model=dict(dropout=0.1), muon_weight_decay=0.1, muon_wd_per_epoch=0.0,
-                                           repeat_dropout=0.0),
-    # (c) without the regularisation that comes in as the data repeats (the previous default), with only its
-    # weight decay at several rates, with dropout from the start
-    "default-nowd": default_with(muon_wd_per_epoch=0.0, repeat_dropout=0.0),
-    **{f"default-wdp{k}": default_with(muon_wd_per_epoch=k, repeat_dropout=0.0) for k in (0.1, 0.2, 0.4)},
-    "default-wdp0.2-drop0.1": default_with(model=dict(dropout=0.1), muon_wd_per_epoch=0.2, repeat_dropout=0.0),
-    "default-wdp0.2-rdrop0.1": default_with(muon_wd_per_epoch=0.2, repeat_dropout=0.1),
+    **{f"default-mwd{wd}": default_with(muon_weight_decay=wd, muon_wd_per_epoch=0.0) for wd in (0.1, 0.3, 0.6, 1.0)},
+    "default-drop0.1-mwd0.1": default_with(model=dict(dropout=0.1), muon_weight_decay=0.1, muon_wd_per_epoch=0.0),
+    # (c) without the weight decay that grows with the passes over the data (the previous default), and with it
+    # growing at other rates
+    "default-nowd": default_with(muon_wd_per_epoch=0.0),
+    **{f"default-wdp{k}": default_with(muon_wd_per_epoch=k) for k in (0.1, 0.2, 0.4)},
+    # dropout 0.1 on top of it (dropout from the start: it did not help, so no dropout that starts as the data
+    # repeats was kept)
+    "default-wdp0.2-drop0.1": default_with(model=dict(dropout=0.1), muon_wd_per_epoch=0.2),
+    # the previous default (AdamW groups at 0.15x Muon's rate) with the weight decay as the data repeats
+    "tiny-muon-wsd40-emb10-wdp0.2": adamw_x(1, muon_wd_per_epoch=0.2),
     # MoE against dense: our dense preset with the default recipe
     "dense-default": default_with(preset="tiny-dense"),
     # (c) with QK normalisation; with 16 experts of half the width, 4 active (DeepSeekMoE's finer experts, the
@@ -327,8 +327,6 @@ def build(cfg, args, device: torch.device, seed: int):
 def train_step(model, optimizer, cfg, step: int, x: torch.Tensor, y: torch.Tensor, train_tokens: int = 0) -> float:
     """train.py's optimizer step (one micro-batch: grad_accum is 1 at this batch size)."""
     set_schedule(optimizer, step, cfg, train_tokens)
-    if train_tokens and cfg.repeat_dropout:
-        model.set_dropout(cfg.repeat_dropout if passes_before(step, cfg, train_tokens) >= 1 else model.args.dropout)
     loss = model(x, y)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
