@@ -249,12 +249,17 @@ def repeat_weight_decay(cfg: TrainConfig, passes: float) -> float:
     return cfg.muon_weight_decay + cfg.muon_wd_per_epoch * max(0.0, passes - 1.0)
 
 
+def passes_before(step: int, cfg: TrainConfig, train_tokens: int) -> float:
+    """Passes over `train_tokens` training tokens made before optimizer step `step` (step --steps + 1: the run's)."""
+    return (step - 1) * cfg.total_batch_size / train_tokens
+
+
 def set_schedule(optimizer: torch.optim.Optimizer, step: int, cfg: TrainConfig, train_tokens: int = 0) -> float:
     """Set the rates of optimizer step `step`: every group's learning rate (set_lr) and, when the training data's
     size is known, the Muon groups' weight decay for the passes made before this step. Returns the base rate."""
     lr = set_lr(optimizer, step, cfg)
     if train_tokens and cfg.optimizer == "muon":
-        weight_decay = repeat_weight_decay(cfg, (step - 1) * cfg.total_batch_size / train_tokens)
+        weight_decay = repeat_weight_decay(cfg, passes_before(step, cfg, train_tokens))
         for part in getattr(optimizer, "parts", [optimizer]):
             if isinstance(part, (torch.optim.Muon, ExpertMuon)):
                 for group in part.param_groups:

@@ -39,7 +39,7 @@ import parallel
 from common import DTYPES, atomic_write, autocast_context, first_line, resolve_device, resolve_dtype
 from config import (ModelArgs, TrainConfig, UserError, make_writable_folder, model_args_from_preset, parse_config,
                     run_main)
-from optim import build_optimizer, decay_start, lr_at, repeat_weight_decay, set_schedule
+from optim import build_optimizer, decay_start, lr_at, passes_before, repeat_weight_decay, set_schedule
 
 # ----------------------------------------------------------------------------------------------------------------
 # Distributed setup
@@ -837,9 +837,10 @@ def log_summary(run: Run, speed: Throughput) -> None:
                      f"{d.world_size} ranks x {run.grad_accum} micro-steps | {run.dtype} on {d.device} | "
                      f"peak {speed.peak / 1e9:.0f} GFLOP/s ({speed.source})", True)
     if run.train_tokens:
-        passes = cfg.steps * run.tokens_per_step / run.train_tokens
+        passes = passes_before(cfg.steps + 1, cfg, run.train_tokens)
+        last = repeat_weight_decay(cfg, passes_before(cfg.steps, cfg, run.train_tokens))  # at the last step
         wd = (f" | Muon weight decay {cfg.muon_weight_decay:g}, rising by {cfg.muon_wd_per_epoch:g} a pass after the "
-              f"first to {repeat_weight_decay(cfg, passes):.3g}" if cfg.optimizer == "muon" else "")
+              f"first to {last:.3g}" if cfg.optimizer == "muon" else "")
         run.logger.print(f"data: {run.train_tokens:,} training tokens, {passes:.2f} passes in {cfg.steps} steps{wd}",
                          True)
     if run.resume_dir is not None:

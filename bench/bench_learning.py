@@ -20,9 +20,9 @@ steps. The training itself then runs on --device (cpu by default; on a GPU in fp
 the budget still the CPU cost measured or read from --step_costs). Evaluation is outside the budget.
 
 Each run is what train.py does with the recipe's flags: the same model (ModelArgs from the preset plus the flags),
-initialisation, optimizer (optim.build_optimizer), schedule (optim.set_schedule: learning rates, and Muon's weight decay
-as the data repeats), gradient clipping, MoE balancing-bias
-update; batches are shuffled non-overlapping windows of the training tokens, as train.py's loader with --shuffle.
+initialisation, optimizer (optim.build_optimizer), schedule (optim.set_schedule: learning rates, and Muon's
+weight decay as the data repeats), gradient clipping, MoE balancing-bias update; batches are shuffled
+non-overlapping windows of the training tokens, as train.py's loader with --shuffle.
 Metric: validation bits per byte = mean loss / ln 2 / (UTF-8 bytes per token of the validation split), over the
 whole validation split (or, above --val_tokens, windows spread evenly over all of it), evaluated at 10 points of the run: `final` at the end, `best`
 the lowest seen (what --keep_best keeps).
@@ -47,7 +47,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from config import TrainConfig, model_args_from_preset  # noqa: E402
-from optim import build_optimizer, repeat_weight_decay, set_schedule  # noqa: E402
+from optim import build_optimizer, passes_before, repeat_weight_decay, set_schedule  # noqa: E402
 
 SEQ_LEN, BATCH = 128, 16             # the quickstart's batch: 2048 tokens per optimizer step
 VOCAB = 4096
@@ -426,7 +426,7 @@ def _run_one(job: dict) -> dict:
     train_tokens = np.load(job["train"])
     val = val_windows(np.load(job["val"]), job["val_tokens"])
     cfg, args = recipe_config(job["recipe"], job["lr_mult"], job["steps"], job["vocab"])
-    passes = cfg.steps * BATCH * SEQ_LEN / len(train_tokens)
+    passes = passes_before(cfg.steps + 1, cfg, len(train_tokens))
     model, optimizer = build(cfg, args, device, job["seed"])
     data = Windows(train_tokens, job["seed"], shuffle=job.get("shuffle", True))
     evals = sorted({max(1, round(job["steps"] * k / 10)) for k in range(1, 11)})
@@ -447,7 +447,7 @@ def _run_one(job: dict) -> dict:
             "best_bpb": best, "best_step": min(curve, key=lambda c: c[1])[0] if curve else 0, "curve": curve,
             "train_loss": loss, "epochs": passes, "cpu_s": cpu,
             "wall_s": time.perf_counter() - t_wall, "device": job["device"], "shuffle": job.get("shuffle", True),
-            "final_muon_weight_decay": (repeat_weight_decay(cfg, (cfg.steps - 1) * BATCH * SEQ_LEN / len(train_tokens))
+            "final_muon_weight_decay": (repeat_weight_decay(cfg, passes_before(cfg.steps, cfg, len(train_tokens)))
                                         if cfg.optimizer == "muon" else None)}
 
 
