@@ -56,6 +56,14 @@ def spectral_lr(lr: float, rule: str, rows: int, cols: int) -> float:
     return lr * math.sqrt(max(1.0, rows / cols))
 
 
+def closure_loss(closure: Any) -> Any:
+    """An optimizer's step(closure): the loss the closure recomputes, with gradients on, or None."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
 class ExpertMuon(torch.optim.Optimizer):
     """Muon for stacked weights [n_experts, out, in]: exactly torch.optim.Muon's update (Nesterov momentum,
     bf16 Newton-Schulz, decoupled weight decay lr * weight_decay, per-matrix rate rule) applied to each
@@ -74,10 +82,7 @@ class ExpertMuon(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         for group in self.param_groups:
             lr, momentum = float(group["lr"]), group["momentum"]
             for p in group["params"]:
@@ -127,10 +132,7 @@ class Combined(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         for part in self.parts:
             part.step()
         return loss

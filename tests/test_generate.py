@@ -37,16 +37,24 @@ def _far_from_boundary(probs: np.ndarray, p: float, eps: float = 1e-4) -> bool:
     return bool(np.all(np.abs(cum - p) > eps))
 
 
+def nucleus_case(rng: np.random.Generator, vocab_range: tuple[int, int], p_range: tuple[float, float],
+                 eps: float) -> tuple[np.ndarray, np.ndarray, float, bool]:
+    """Random logits of a random width, their probabilities, a random p, and whether no prefix of the sorted
+    probabilities lands within eps of p (where float32 and float64 could pick different nuclei)."""
+    vocab = int(rng.integers(*vocab_range))
+    p = float(rng.uniform(*p_range))
+    logits = random_logits(rng, 1, vocab)[0]
+    probs = np.exp(logits - logits.max())
+    probs /= probs.sum()
+    return logits, probs, p, _far_from_boundary(probs, p, eps)
+
+
 def test_top_p_filter_keeps_exactly_the_nucleus():
     rng = np.random.default_rng(0)
     checked = 0
     for trial in range(200):
-        vocab = int(rng.integers(2, 60))
-        p = float(rng.uniform(0.05, 0.99))
-        logits = random_logits(rng, 1, vocab)[0]
-        probs = np.exp(logits - logits.max())
-        probs /= probs.sum()
-        if not _far_from_boundary(probs, p):
+        logits, probs, p, clear = nucleus_case(rng, (2, 60), (0.05, 0.99), 1e-4)
+        if not clear:
             continue
         kept = top_p_filter(torch.tensor(logits, dtype=torch.float32)[None], p)[0]
         got = set(torch.nonzero(torch.isfinite(kept)).flatten().tolist())
@@ -72,12 +80,8 @@ def test_top_p_sampling_draws_only_from_the_nucleus_with_renormalised_frequencie
     gen = torch.Generator().manual_seed(0)
     n_draws = 4000
     for trial in range(12):
-        vocab = int(rng.integers(5, 40))
-        p = float(rng.uniform(0.3, 0.95))
-        logits = random_logits(rng, 1, vocab)[0]
-        probs = np.exp(logits - logits.max())
-        probs /= probs.sum()
-        if not _far_from_boundary(probs, p, 1e-3):
+        logits, probs, p, clear = nucleus_case(rng, (5, 40), (0.3, 0.95), 1e-3)
+        if not clear:
             continue
         allowed = nucleus_reference(probs, p)
         batch = torch.tensor(logits, dtype=torch.float32)[None].repeat(n_draws, 1)
