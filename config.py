@@ -309,6 +309,10 @@ class TrainConfig(TokenizerOptions):
     keep_best: bool = opt(False, "also keep the checkpoint with the lowest validation loss in "
                                  "<save_file_name>/best (a run that overfits still ends with its best model)")
     weight_decay: float = opt(0.1, "AdamW weight decay (matrices only)", ge=0)
+    wd_per_epoch: float = opt(0.2, "AdamW weight decay added for each pass over the training data done after the "
+                                   "first, as --muon_wd_per_epoch does for Muon's, to the AdamW matrices that decay "
+                                   "(with --optimizer muon the head and the router; with adamw every matrix but an "
+                                   "--embed_lr embedding); train.py only", ge=0)
     beta1: float = opt(0.9, "AdamW beta1", ge=0, lt=1)
     beta2: float = opt(0.95, "AdamW beta2", ge=0, lt=1)
     grad_clip: float = opt(1.0, "gradient norm clipping; 0 disables it", ge=0)
@@ -359,15 +363,18 @@ class FineTuneConfig(TrainConfig):
     lr_schedule: str = redefault(TrainConfig, "lr_schedule", "cosine")
     muon_wd_per_epoch: float = opt(0.0, "pretraining's Muon weight decay per pass over the data (train.py); a "
                                         "fine-tuning stage takes --muon_weight_decay alone, so this stays 0", ge=0)
+    wd_per_epoch: float = opt(0.0, "pretraining's AdamW weight decay per pass over the data (train.py); a "
+                                   "fine-tuning stage takes --weight_decay alone, so this stays 0", ge=0)
 
     embed_lr: float = opt(0.0, "peak AdamW rate of the token embedding (0: --lr, with decay, as every other "
                                "AdamW matrix when fine-tuning)", ge=0)
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.muon_wd_per_epoch:  # its passes are token passes over a pretraining data folder
-            raise ConfigError("--muon_wd_per_epoch is for pretraining (train.py); set the fine-tuning stage's "
-                              "Muon weight decay with --muon_weight_decay")
+        for name, fixed in (("muon_wd_per_epoch", "muon_weight_decay"), ("wd_per_epoch", "weight_decay")):
+            if getattr(self, name):  # its passes are token passes over a pretraining data folder
+                raise ConfigError(f"--{name} is for pretraining (train.py); set the fine-tuning stage's weight "
+                                  f"decay with --{fixed}")
 
 
 @dataclass

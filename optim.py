@@ -171,8 +171,9 @@ def adamw_groups(model: torch.nn.Module, cfg: TrainConfig, decay: list[torch.nn.
     own at that rate without decay (its rows are read through the first RMSNorm, so only their direction counts,
     and a row is updated only when its token occurs; modded-nanogpt and nanochat step it 50-100x faster than the
     head). A tied embedding is the head and stays in `decay`. With --head_lr the output head (tied or not) gets its
-    own rate, with decay."""
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay, "lr_scale": 1.0},
+    own rate, with decay. The groups with decay carry `repeat_decay`: set_schedule grows their decay by
+    --wd_per_epoch as the data repeats."""
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay, "lr_scale": 1.0, "repeat_decay": True},
               {"params": no_decay, "weight_decay": 0.0, "lr_scale": 1.0}]
     embed = getattr(getattr(model, "embed", None), "weight", None)
     head = getattr(getattr(model, "head", None), "weight", None)
@@ -181,7 +182,8 @@ def adamw_groups(model: torch.nn.Module, cfg: TrainConfig, decay: list[torch.nn.
         groups.append({"params": [embed], "weight_decay": 0.0, "lr_scale": cfg.embed_lr / cfg.lr})
     if cfg.head_lr > 0 and head is not None and any(p is head for p in groups[0]["params"]):
         groups[0]["params"] = [p for p in groups[0]["params"] if p is not head]
-        groups.append({"params": [head], "weight_decay": cfg.weight_decay, "lr_scale": cfg.head_lr / cfg.lr})
+        groups.append({"params": [head], "weight_decay": cfg.weight_decay, "lr_scale": cfg.head_lr / cfg.lr,
+                       "repeat_decay": True})
     return groups
 
 
@@ -243,12 +245,15 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * lr_factor(step, cfg)
 
 
-def repeat_weight_decay(cfg: TrainConfig, passes: float) -> float:
-    """Muon's weight decay once `passes` passes over the training data are done: --muon_weight_decay plus
-    --muon_wd_per_epoch for each pass beyond the first. Weight decay helps a run over repeated data (it overfits
-    without it) and slows a single pass, so it grows as the data repeats (README, "Training recipe"). It depends on
-    the tokens seen, not on --steps, so a WSD run's stable checkpoint still extends exactly."""
-    return cfg.muon_weight_decay + cfg.muon_wd_per_epoch * max(0.0, passes - 1.0)
+def repeat_weight_decay(cfg: TrainConfig, passes: float, muon: bool = True) -> float:
+    """Muon's (muon=True) or AdamW's weight decay once `passes` passes over the training data are done:
+    --muon_weight_decay plus --muon_wd_per_epoch, or --weight_decay plus --wd_per_epoch, for each pass beyond the
+    first. Weight decay helps a run over repeated data (it overfits without it) and slows a single pass, so it
+    grows as the data repeats (README, "Training recipe"). It depends on the tokens seen, not on --steps, so a WSD
+    run's stable checkpoint still extends exactly."""
+    base, per_pass = ((cfg.muon_weight_decay, cfg.muon_wd_per_epoch) if muon
+                      else (cfg.weight_decay, cfg.wd_per_epoch))
+    return base + per_pass * max(0.0, passes - 1.0)
 
 
 def passes_before(step: int, cfg: TrainConfig, train_tokens: int) -> float:
@@ -258,14 +263,19 @@ def passes_before(step: int, cfg: TrainConfig, train_tokens: int) -> float:
 
 def set_schedule(optimizer: torch.optim.Optimizer, step: int, cfg: TrainConfig, train_tokens: int = 0) -> float:
     """Set the rates of optimizer step `step`: every group's learning rate (set_lr) and, when the training data's
-    size is known, the Muon groups' weight decay for the passes made before this step. Returns the base rate."""
+    size is known, the weight decay of the Muon groups and of AdamW's decaying groups for the passes made before
+    this step. Returns the base rate."""
     lr = set_lr(optimizer, step, cfg)
-    if train_tokens and cfg.optimizer == "muon":
-        weight_decay = repeat_weight_decay(cfg, passes_before(step, cfg, train_tokens))
+    if train_tokens:
+        passes = passes_before(step, cfg, train_tokens)
+        muon, adamw = repeat_weight_decay(cfg, passes), repeat_weight_decay(cfg, passes, muon=False)
         for part in getattr(optimizer, "parts", [optimizer]):
-            if isinstance(part, (torch.optim.Muon, ExpertMuon)):
-                for group in part.param_groups:
-                    group["weight_decay"] = weight_decay
+            is_muon = isinstance(part, (torch.optim.Muon, ExpertMuon))
+            for group in part.param_groups:
+                if is_muon:
+                    group["weight_decay"] = muon
+                elif group.get("repeat_decay"):
+                    group["weight_decay"] = adamw
     return lr
 
 

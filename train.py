@@ -838,9 +838,12 @@ def log_summary(run: Run, speed: Throughput) -> None:
                      f"peak {speed.peak / 1e9:.0f} GFLOP/s ({speed.source})", True)
     if run.train_tokens:
         passes = passes_before(cfg.steps + 1, cfg, run.train_tokens)
-        last = repeat_weight_decay(cfg, passes_before(cfg.steps, cfg, run.train_tokens))  # at the last step
-        wd = (f" | Muon weight decay {cfg.muon_weight_decay:g}, rising by {cfg.muon_wd_per_epoch:g} a pass after the "
-              f"first to {last:.3g}" if cfg.optimizer == "muon" else "")
+        last = passes_before(cfg.steps, cfg, run.train_tokens)  # the weight decay of the last step
+        decays = [("Muon", cfg.muon_weight_decay, cfg.muon_wd_per_epoch, True)] if cfg.optimizer == "muon" else []
+        decays.append(("AdamW", cfg.weight_decay, cfg.wd_per_epoch, False))
+        wd = " | weight decay, growing after the first pass: " + ", ".join(
+            f"{name} {base:g} + {per_pass:g} a pass -> {repeat_weight_decay(cfg, last, muon):.3g}"
+            for name, base, per_pass, muon in decays)
         run.logger.print(f"data: {run.train_tokens:,} training tokens, {passes:.2f} passes in {cfg.steps} steps{wd}",
                          True)
     if run.resume_dir is not None:

@@ -20,8 +20,8 @@ steps. The training itself then runs on --device (cpu by default; on a GPU in fp
 the budget still the CPU cost measured or read from --step_costs). Evaluation is outside the budget.
 
 Each run is what train.py does with the recipe's flags: the same model (ModelArgs from the preset plus the flags),
-initialisation, optimizer (optim.build_optimizer), schedule (optim.set_schedule: learning rates, and Muon's
-weight decay as the data repeats), gradient clipping, MoE balancing-bias update; batches are shuffled
+initialisation, optimizer (optim.build_optimizer), schedule (optim.set_schedule: learning rates, and the
+weight decays as the data repeats), gradient clipping, MoE balancing-bias update; batches are shuffled
 non-overlapping windows of the training tokens, as train.py's loader with --shuffle.
 Metric: validation bits per byte = mean loss / ln 2 / (UTF-8 bytes per token of the validation split), over the
 whole validation split (or, above --val_tokens, windows spread evenly over all of it), evaluated at 10 points of the run: `final` at the end, `best`
@@ -55,7 +55,7 @@ PYDOC_HTML = Path("/usr/share/doc/python3/html")
 
 # a recipe: preset, ModelArgs flags, TrainConfig flags. LR search multiplies every rate of a recipe (lr and, with
 # Muon, muon_lr) by the same factors, so each recipe gets the same number of runs.
-BASE = dict(warm_up=30, min_lr_frac=0.1, weight_decay=0.1, grad_clip=1.0)
+BASE = dict(warm_up=30, min_lr_frac=0.1, weight_decay=0.1, wd_per_epoch=0.0, grad_clip=1.0)
 # every recipe names its optimizer and schedule: TrainConfig's defaults must not leak into a recipe
 MUON = dict(optimizer="muon", lr=3e-3, muon_lr=0.02, muon_wd_per_epoch=0.0)
 _DEFAULTS = TrainConfig()
@@ -67,7 +67,10 @@ GPT2_ARCH = dict(attn_type="mha", tie_embeddings=True)
 DEFAULT = dict(optimizer=_DEFAULTS.optimizer, lr=_DEFAULTS.lr, muon_lr=_DEFAULTS.muon_lr,
                lr_schedule=_DEFAULTS.lr_schedule, decay_frac=_DEFAULTS.decay_frac,
                embed_x=_DEFAULTS.embed_lr / _DEFAULTS.lr, min_lr_frac=_DEFAULTS.min_lr / _DEFAULTS.lr,
-               muon_weight_decay=_DEFAULTS.muon_weight_decay, muon_wd_per_epoch=_DEFAULTS.muon_wd_per_epoch)
+               muon_weight_decay=_DEFAULTS.muon_weight_decay, muon_wd_per_epoch=_DEFAULTS.muon_wd_per_epoch,
+               weight_decay=_DEFAULTS.weight_decay, wd_per_epoch=_DEFAULTS.wd_per_epoch)
+# (c) as it was before AdamW's weight decay grew with the passes too: the variants measured then keep it
+BEFORE_AWDP = dict(wd_per_epoch=0.0)
 
 
 def adamw_x(k: float, preset: str = "tiny", model: dict | None = None, **train) -> dict:
@@ -134,19 +137,27 @@ RECIPES: dict[str, dict] = {
     # MoE against dense with the AdamW groups at 4x
     "dense-muon-wsd40-emb10-head4": adamw_x(4, preset="tiny-dense"),
     # (c) with regularisers for the many-epoch regime: Muon weight decay, dropout
-    **{f"default-mwd{wd}": default_with(muon_weight_decay=wd, muon_wd_per_epoch=0.0) for wd in (0.1, 0.3, 0.6, 1.0)},
-    "default-drop0.1-mwd0.1": default_with(model=dict(dropout=0.1), muon_weight_decay=0.1, muon_wd_per_epoch=0.0),
+    **{f"default-mwd{wd}": default_with(muon_weight_decay=wd, muon_wd_per_epoch=0.0, **BEFORE_AWDP)
+       for wd in (0.1, 0.3, 0.6, 1.0)},
+    "default-drop0.1-mwd0.1": default_with(model=dict(dropout=0.1), muon_weight_decay=0.1, muon_wd_per_epoch=0.0,
+                                           **BEFORE_AWDP),
     # (c) without the weight decay that grows with the passes over the data (the previous default), and with it
     # growing at other rates
-    "default-nowd": default_with(muon_wd_per_epoch=0.0),
-    **{f"default-wdp{k}": default_with(muon_wd_per_epoch=k) for k in (0.1, 0.2, 0.4)},
+    "default-nowd": default_with(muon_wd_per_epoch=0.0, **BEFORE_AWDP),
+    # (wdp0.2 was the default before AdamW's weight decay grew too)
+    **{f"default-wdp{k}": default_with(muon_wd_per_epoch=k, **BEFORE_AWDP) for k in (0.1, 0.2, 0.4)},
     # dropout 0.1 on top of it (dropout from the start: it did not help, so no dropout that starts as the data
     # repeats was kept)
-    "default-wdp0.2-drop0.1": default_with(model=dict(dropout=0.1), muon_wd_per_epoch=0.2),
+    "default-wdp0.2-drop0.1": default_with(model=dict(dropout=0.1), muon_wd_per_epoch=0.2, **BEFORE_AWDP),
     # the previous default (AdamW groups at 0.15x Muon's rate) with the weight decay as the data repeats
     "tiny-muon-wsd40-emb10-wdp0.2": adamw_x(1, muon_wd_per_epoch=0.2),
-    # MoE against dense: our dense preset with the default recipe
+    # (c) with more AdamW weight decay on the head and the router (the embedding keeps none), constant: Muon's
+    # grows, AdamW's stayed at 0.1. Growing as Muon's (--wd_per_epoch 0.2, now the default) won: a constant 0.3
+    # taxed the single pass (1.574 against 1.562)
+    **{f"default-awd{wd}": default_with(weight_decay=wd, **BEFORE_AWDP) for wd in (0.3, 1.0)},
+    # MoE against dense: our dense preset with the default recipe, and with the previous default
     "dense-default": default_with(preset="tiny-dense"),
+    "dense-default-wdp0.2": default_with(preset="tiny-dense", **BEFORE_AWDP),
     # (c) with QK normalisation; with 16 experts of half the width, 4 active (DeepSeekMoE's finer experts, the
     # same active parameters)
     "tiny-muon-wsd40-emb10-qknorm": dict(preset="tiny", model=dict(qk_norm=True),
@@ -157,6 +168,8 @@ RECIPES: dict[str, dict] = {
     # (a) with more AdamW weight decay: the same regularisation search as (c)'s Muon weight decay
     **{f"gpt2-wd{wd}": dict(preset="tiny-dense", model=GPT2_ARCH, train=dict(lr=2e-3, **ADAMW, **COSINE,
                                                                            weight_decay=wd)) for wd in (0.3, 1.0)},
+    # ... and growing as the data repeats, as (c)'s does
+    "gpt2-wdp0.2": dict(preset="tiny-dense", model=GPT2_ARCH, train=dict(lr=2e-3, **ADAMW, **COSINE, wd_per_epoch=0.2)),
     "gpt2-d2z": dict(preset="tiny-dense", model=GPT2_ARCH, train=dict(lr=2e-3, **ADAMW, **COSINE, min_lr_frac=0.0)),
     # MoE against dense: our dense preset with the default recipe
     "dense-muon-wsd40": dict(preset="tiny-dense", model={}, train={**MUON, **WSD, "decay_frac": 0.4}),
@@ -307,6 +320,7 @@ def recipe_config(name: str, lr_mult: float, steps: int, vocab: int):
         train["muon_lr"] = train["muon_lr"] * lr_mult
     cfg = TrainConfig(steps=steps, warm_up=min(BASE["warm_up"], max(steps // 10, 1)),
                       min_lr=min_lr, weight_decay=train.pop("weight_decay", BASE["weight_decay"]),
+                      wd_per_epoch=train.pop("wd_per_epoch", BASE["wd_per_epoch"]),
                       grad_clip=BASE["grad_clip"], batch_size=BATCH, total_batch_size=BATCH * SEQ_LEN, seq_len=SEQ_LEN,
                       **train)
     args = model_args_from_preset(r["preset"], vocab_size=vocab, **r["model"])
@@ -441,14 +455,15 @@ def _run_one(job: dict) -> dict:
         if step in evals:
             curve.append((step, val_bpb(model, val, job["bytes_per_token"], device)))
     final = curve[-1][1] if curve and curve[-1][0] == cfg.steps else float("nan")
+    last = passes_before(cfg.steps, cfg, len(train_tokens))    # the passes made before the last step
     best = min((b for _, b in curve), default=float("nan"))
     return {**{k: job[k] for k in ("regime", "budget", "recipe", "lr_mult", "seed", "steps", "step_cost")},
             "lr": cfg.lr, "muon_lr": cfg.muon_lr if cfg.optimizer == "muon" else None, "final_bpb": final,
             "best_bpb": best, "best_step": min(curve, key=lambda c: c[1])[0] if curve else 0, "curve": curve,
             "train_loss": loss, "epochs": passes, "cpu_s": cpu,
             "wall_s": time.perf_counter() - t_wall, "device": job["device"], "shuffle": job.get("shuffle", True),
-            "final_muon_weight_decay": (repeat_weight_decay(cfg, passes_before(cfg.steps, cfg, len(train_tokens)))
-                                        if cfg.optimizer == "muon" else None)}
+            "final_muon_weight_decay": (repeat_weight_decay(cfg, last) if cfg.optimizer == "muon" else None),
+            "final_weight_decay": repeat_weight_decay(cfg, last, muon=False)}
 
 
 # ----------------------------------------------------------------------------------------------------------------

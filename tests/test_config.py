@@ -146,6 +146,8 @@ def test_unreachable_hub_is_a_one_line_error(script, tmp_path) -> None:
     ("train.py", ["--lr", "nan"], "--lr must be a finite number"),
     ("train.py", ["--muon_wd_per_epoch", "-0.1"], "--muon_wd_per_epoch must be >= 0"),
     ("dpo.py", ["--muon_wd_per_epoch", "0.1"], "--muon_wd_per_epoch is for pretraining (train.py)"),
+    ("train.py", ["--wd_per_epoch", "-0.1"], "--wd_per_epoch must be >= 0"),
+    ("rl.py", ["--wd_per_epoch", "0.1"], "--wd_per_epoch is for pretraining (train.py)"),
     ("train.py", ["--beta1", "1.5"], "--beta1 must be >= 0 and < 1"),
     ("train.py", ["--seed", "-1"], "--seed must be >= 0"),
     ("train.py", ["--n_heads", "0"], "--n_heads must be >= 1"),

@@ -270,12 +270,12 @@ def test_set_lr_runs_muon_groups_at_muon_lr():
 
 def test_muon_weight_decay_grows_with_the_passes_over_the_data():
     """set_schedule with the training data's size: Muon's weight decay is --muon_weight_decay until one pass is
-    done, then grows by --muon_wd_per_epoch a pass (the passes made before the step); AdamW's stays, and without
-    the data's size nothing changes. A step then decays a hidden matrix as torch.optim.Muon with that weight decay
-    does."""
+    done, then grows by --muon_wd_per_epoch a pass (the passes made before the step); AdamW's stays (at
+    --wd_per_epoch 0), and without the data's size nothing changes. A step then decays a hidden matrix as
+    torch.optim.Muon with that weight decay does."""
     cpu = torch.device("cpu")
-    cfg = muon_cfg(muon_weight_decay=0.05, muon_wd_per_epoch=0.3, total_batch_size=100, steps=40, warm_up=0,
-                   lr_schedule="wsd")
+    cfg = muon_cfg(muon_weight_decay=0.05, muon_wd_per_epoch=0.3, wd_per_epoch=0.0, total_batch_size=100, steps=40,
+                   warm_up=0, lr_schedule="wsd")
     tokens = 1000                                 # 10 steps a pass
     model = build(seed=4)
     opt = build_optimizer(model, cfg, cpu)
@@ -301,6 +301,43 @@ def test_muon_weight_decay_grows_with_the_passes_over_the_data():
     opt.step()
     ref_opt.step()
     torch.testing.assert_close(p.detach(), ref.detach(), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("optimizer", ["muon", "adamw"])
+@pytest.mark.parametrize("head_lr", [0.0, 7e-3])
+def test_adamw_weight_decay_grows_with_the_passes_over_the_data(optimizer, head_lr):
+    """--wd_per_epoch: AdamW's groups with decay (the head, the router, with --optimizer adamw every matrix) go
+    from --weight_decay to + wd_per_epoch a pass after the first; the embedding on its own rate and the vectors
+    keep none, and Muon keeps its own rule. A step then moves the head as torch.optim.AdamW with that decay."""
+    cpu = torch.device("cpu")
+    cfg = muon_cfg(optimizer=optimizer, wd_per_epoch=0.4, muon_wd_per_epoch=0.3, embed_lr=0.05, head_lr=head_lr,
+                   total_batch_size=100, steps=40, warm_up=0, lr_schedule="wsd")
+    tokens = 1000                                 # 10 steps a pass
+    model = build(seed=5)
+    opt = build_optimizer(model, cfg, cpu)
+    head, embed = model.head.weight, model.embed.weight
+    group_of = {id(p): g for g in opt.param_groups for p in g["params"]}
+    for step, passes in ((1, 0.0), (11, 1.0), (12, 1.1), (31, 3.0)):
+        set_schedule(opt, step, cfg, tokens)
+        want, want_muon = 0.1 + 0.4 * max(0.0, passes - 1.0), 0.05 + 0.3 * max(0.0, passes - 1.0)
+        for name, p in model.named_parameters():
+            adamw = (optimizer == "adamw" or p.dim() < 2 or name.startswith(("embed.", "head."))
+                     or name.endswith("gate.weight"))
+            expected = (0.0 if p is embed or p.dim() < 2 else want) if adamw else want_muon
+            assert group_of[id(p)]["weight_decay"] == pytest.approx(expected), (name, step)
+    ref = head.detach().clone().requires_grad_()
+    ref_opt = torch.optim.AdamW([ref], lr=lr_at(31, cfg) * (head_lr or cfg.lr) / cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                                eps=1e-8, weight_decay=0.9)
+    x = torch.randint(0, VOCAB, (2, 16))
+    model(x, x).backward()
+    ref.grad = head.grad.clone()
+    opt.step()
+    ref_opt.step()
+    torch.testing.assert_close(head.detach(), ref.detach(), rtol=0, atol=1e-7)
+    # without the data's size (fine-tuning stages) nothing changes
+    fresh = build_optimizer(build(seed=5), cfg, cpu)
+    set_schedule(fresh, 31, cfg)
+    assert {g["weight_decay"] for g in fresh.param_groups if g.get("repeat_decay")} == {0.1}
 
 
 @pytest.mark.parametrize("optimizer", ["muon", "adamw"])

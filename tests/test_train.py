@@ -631,12 +631,12 @@ def small_data(corpus, tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
-def test_muon_weight_decay_follows_the_passes_and_wsd_still_extends_exactly(corpus, small_data: Path,
-                                                                              tmp_path: Path) -> None:
-    """--muon_wd_per_epoch: the same steps as without it until one pass over the training data is done, then
-    other losses; the checkpoint's Muon groups hold the decay of the passes made (counted from the data folder's
-    metadata). It depends on the tokens seen, not on --steps, so a finished WSD run extended from its stable
-    checkpoint still equals the longer run."""
+def test_weight_decay_follows_the_passes_and_wsd_still_extends_exactly(corpus, small_data: Path,
+                                                                         tmp_path: Path) -> None:
+    """--muon_wd_per_epoch and --wd_per_epoch: the same steps as without them until one pass over the training
+    data is done, then other losses; the checkpoint's Muon and AdamW groups hold the decay of the passes made
+    (counted from the data folder's metadata). It depends on the tokens seen, not on --steps, so a finished WSD run
+    extended from its stable checkpoint still equals the longer run."""
     from checkpoint import OPTIMIZER_FILE, safe_torch_load
     from data_loader import read_metadata
 
@@ -645,10 +645,12 @@ def test_muon_weight_decay_follows_the_passes_and_wsd_still_extends_exactly(corp
     assert 20 < per_pass < 40
     data = ["--data_file_name", str(small_data)]
     wsd = [*FOLDER_RUN, *data, "--optimizer", "muon", "--lr_schedule", "wsd", "--decay_frac", "0.3", "--save_rate",
-           "10", "--muon_weight_decay", "0.01", "--muon_wd_per_epoch", "2"]
+           "10", "--muon_weight_decay", "0.01", "--muon_wd_per_epoch", "2", "--weight_decay", "0.1",
+           "--wd_per_epoch", "1"]
     r = run_ok(*train_args(corpus, tmp_path / "long", *wsd, "--steps", "70"))
     assert f"{train_tokens:,} training tokens, {70 * 128 / train_tokens:.2f} passes in 70 steps" in r.stdout
-    run_ok(*train_args(corpus, tmp_path / "none", *wsd, "--steps", "70", "--muon_wd_per_epoch", "0"))
+    run_ok(*train_args(corpus, tmp_path / "none", *wsd, "--steps", "70", "--muon_wd_per_epoch", "0",
+                       "--wd_per_epoch", "0"))
     long, none = read_log(tmp_path / "long" / "log.jsonl"), read_log(tmp_path / "none" / "log.jsonl")
     first_decayed = math.floor(per_pass) + 2  # the first step after a whole pass, plus the step it changes
     assert [long[s]["loss"] for s in range(1, first_decayed)] == [none[s]["loss"] for s in range(1, first_decayed)]
@@ -657,6 +659,8 @@ def test_muon_weight_decay_follows_the_passes_and_wsd_still_extends_exactly(corp
     muon = [g for g in groups if "betas" not in g]
     want = 0.01 + 2 * (69 * 128 / train_tokens - 1)    # the passes made before step 70
     assert muon and [g["weight_decay"] for g in muon] == pytest.approx([want] * len(muon))
+    adamw = [g["weight_decay"] for g in groups if g.get("repeat_decay")]     # the head and the router
+    assert adamw == pytest.approx([0.1 + 1 * (69 * 128 / train_tokens - 1)] * len(adamw)) and adamw
 
     run_ok(*train_args(corpus, tmp_path / "run", *wsd, "--steps", "50"))  # stable until step 35: past a pass
     run_ok(*train_args(corpus, tmp_path / "run", *wsd, "--steps", "70", "--resume_from",
