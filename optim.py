@@ -245,14 +245,19 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * lr_factor(step, cfg)
 
 
+def weight_decay_rule(cfg: TrainConfig, muon: bool = True) -> tuple[float, float]:
+    """Muon's (muon=True) or AdamW's weight decay during the first pass over the training data, and what each
+    further pass adds: (--muon_weight_decay, --muon_wd_per_epoch) or (--weight_decay, --wd_per_epoch)."""
+    return (cfg.muon_weight_decay, cfg.muon_wd_per_epoch) if muon else (cfg.weight_decay, cfg.wd_per_epoch)
+
+
 def repeat_weight_decay(cfg: TrainConfig, passes: float, muon: bool = True) -> float:
-    """Muon's (muon=True) or AdamW's weight decay once `passes` passes over the training data are done:
-    --muon_weight_decay plus --muon_wd_per_epoch, or --weight_decay plus --wd_per_epoch, for each pass beyond the
-    first. Weight decay helps a run over repeated data (it overfits without it) and slows a single pass, so it
-    grows as the data repeats (README, "Training recipe"). It depends on the tokens seen, not on --steps, so a WSD
-    run's stable checkpoint still extends exactly."""
-    base, per_pass = ((cfg.muon_weight_decay, cfg.muon_wd_per_epoch) if muon
-                      else (cfg.weight_decay, cfg.wd_per_epoch))
+    """Muon's (muon=True) or AdamW's weight decay once `passes` passes over the training data are done: the
+    first pass's plus the per-pass increment for each pass beyond the first (weight_decay_rule). Weight decay helps
+    a run over repeated data (it overfits without it) and slows a single pass, so it grows as the data repeats
+    (README, "Training recipe"). It depends on the tokens seen, not on --steps, so a WSD run's stable checkpoint
+    still extends exactly."""
+    base, per_pass = weight_decay_rule(cfg, muon)
     return base + per_pass * max(0.0, passes - 1.0)
 
 

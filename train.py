@@ -39,7 +39,8 @@ import parallel
 from common import DTYPES, atomic_write, autocast_context, first_line, resolve_device, resolve_dtype
 from config import (ModelArgs, TrainConfig, UserError, make_writable_folder, model_args_from_preset, parse_config,
                     run_main)
-from optim import build_optimizer, decay_start, lr_at, passes_before, repeat_weight_decay, set_schedule
+from optim import (build_optimizer, decay_start, lr_at, passes_before, repeat_weight_decay, set_schedule,
+                   weight_decay_rule)
 
 # ----------------------------------------------------------------------------------------------------------------
 # Distributed setup
@@ -838,12 +839,12 @@ def log_summary(run: Run, speed: Throughput) -> None:
                      f"peak {speed.peak / 1e9:.0f} GFLOP/s ({speed.source})", True)
     if run.train_tokens:
         passes = passes_before(cfg.steps + 1, cfg, run.train_tokens)
-        last = passes_before(cfg.steps, cfg, run.train_tokens)  # the weight decay of the last step
-        decays = [("Muon", cfg.muon_weight_decay, cfg.muon_wd_per_epoch, True)] if cfg.optimizer == "muon" else []
-        decays.append(("AdamW", cfg.weight_decay, cfg.wd_per_epoch, False))
+        last = passes_before(cfg.steps, cfg, run.train_tokens)  # made before the last step, whose decay is shown
+        parts = [("Muon", True), ("AdamW", False)] if cfg.optimizer == "muon" else [("AdamW", False)]
         wd = " | weight decay, growing after the first pass: " + ", ".join(
-            f"{name} {base:g} + {per_pass:g} a pass -> {repeat_weight_decay(cfg, last, muon):.3g}"
-            for name, base, per_pass, muon in decays)
+            "{} {:g} + {:g} a pass -> {:.3g}".format(name, *weight_decay_rule(cfg, muon),
+                                                      repeat_weight_decay(cfg, last, muon))
+            for name, muon in parts)
         run.logger.print(f"data: {run.train_tokens:,} training tokens, {passes:.2f} passes in {cfg.steps} steps{wd}",
                          True)
     if run.resume_dir is not None:
