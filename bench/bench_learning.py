@@ -506,22 +506,35 @@ def report(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def above(minimum: float, kind: type = float, inclusive: bool = False):
+    """An argparse type: a number of `kind` above `minimum` (or at least it), else a one-line usage error."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got '{text}'") from None
+        if not (value >= minimum if inclusive else value > minimum) or value != value:
+            raise argparse.ArgumentTypeError(f"must be {'>=' if inclusive else '>'} {minimum:g}, got {text}")
+        return value
+    return parse
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--regime", default="epochs", choices=("epochs", "single"))
-    parser.add_argument("--budget", type=float, nargs="+", default=[180.0], help="CPU seconds per run (one thread)")
+    parser.add_argument("--budget", type=above(0), nargs="+", default=[180.0], help="CPU seconds per run (one thread)")
     parser.add_argument("--recipes", default="gpt2,tiny-today,default")
     parser.add_argument("--lr_mults", default="1", help="LR search: multipliers of each recipe's rates")
     parser.add_argument("--seeds", default="1")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--jobs", type=int, default=1, help="runs in parallel (one thread each)")
-    parser.add_argument("--val_tokens", type=int, default=131072)
+    parser.add_argument("--jobs", type=above(1, int, inclusive=True), default=1, help="runs in parallel (one thread each)")
+    parser.add_argument("--val_tokens", type=above(1, int, inclusive=True), default=131072)
     parser.add_argument("--work_dir", default=str(ROOT / "bench_learning_data"))
     parser.add_argument("--out", default="", help="append each run's results as a JSON line here")
     parser.add_argument("--step_costs", default="", help="JSON of CPU seconds per step per recipe: read when it "
                                                          "exists, else measured here and written")
     parser.add_argument("--calibrate_only", action="store_true")
-    parser.add_argument("--then_budget", type=float, default=0, help="after the runs: run --then_recipes at this "
+    parser.add_argument("--then_budget", type=above(0, inclusive=True), default=0, help="after the runs: run --then_recipes at this "
                         "budget with each one's best LR multiplier of the first runs (and half of it), --then_seeds")
     parser.add_argument("--then_recipes", default="gpt2,tiny-today,default")
     parser.add_argument("--then_seeds", default="1,2")
